@@ -1,0 +1,141 @@
+"""The tf.train.Example contract between the pipeline, the model and serving.
+
+One table of features (shared/DESIGN.md, "Examples") drives everything here: the
+Beam job builds Examples with `to_example`, the trainer parses them with
+`parse_examples`, and the exporter declares its serving inputs with
+`query_input_signature`, so the three cannot drift apart.
+
+Dense form: after parsing, every feature is a dense tensor with a leading batch
+dimension. Multi-valued string features are padded with "" and their weights with
+0.0; an empty string always means "absent" to the towers.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+from typing import Any, Mapping, Sequence  # noqa: E402
+
+import tensorflow as tf  # noqa: E402
+
+# name -> (dtype, multi-valued, default when absent)
+FEATURES: dict[str, tuple[tf.dtypes.DType, bool, Any]] = {
+    "event_id": (tf.string, False, ""),
+    "timestamp": (tf.int64, False, 0),
+    "user_id": (tf.string, False, ""),
+    "device": (tf.string, False, ""),
+    "country": (tf.string, False, ""),
+    "seed_item_id": (tf.string, False, ""),
+    "history_item_ids": (tf.string, True, ""),
+    "item_id": (tf.string, False, ""),
+    "item_channel_id": (tf.string, False, ""),
+    "item_topics": (tf.string, True, ""),
+    "item_topic_weights": (tf.float32, True, 0.0),
+    "item_duration_s": (tf.float32, False, 0.0),
+    "reward": (tf.float32, False, 1.0),
+}
+
+QUERY_FEATURES = ("user_id", "seed_item_id", "history_item_ids", "device", "country",
+                  "timestamp")
+CANDIDATE_FEATURES = ("item_id", "item_channel_id", "item_topics", "item_topic_weights",
+                      "item_duration_s")
+MAX_HISTORY = 50
+
+
+def _parse_spec(names: Sequence[str]) -> dict[str, Any]:
+  spec = {}
+  for name in names:
+    dtype, multi, default = FEATURES[name]
+    if multi:
+      spec[name] = tf.io.RaggedFeature(dtype, row_splits_dtype=tf.int64)
+    else:
+      spec[name] = tf.io.FixedLenFeature([], dtype, default_value=default)
+  return spec
+
+
+def _densify(parsed: dict[str, Any], max_len: Mapping[str, int]) -> dict[str, tf.Tensor]:
+  out = {}
+  for name, value in parsed.items():
+    if isinstance(value, tf.RaggedTensor):
+      default = FEATURES[name][2]
+      width = max_len.get(name)
+      if width is not None:
+        value = value[:, :width]
+      value = value.to_tensor(default_value=default)
+    out[name] = value
+  return out
+
+
+def parse_examples(serialized: tf.Tensor, names: Sequence[str] = tuple(FEATURES),
+                   max_history: int = MAX_HISTORY) -> dict[str, tf.Tensor]:
+  """Parses a batch of serialized Examples into the dense form.
+
+  Args:
+    serialized: string tensor [batch] of serialized `tf.train.Example`s.
+    names: which features to parse (default all of them).
+    max_history: history beyond this many items is cut (most recent are first).
+
+  Returns:
+    name -> dense tensor [batch] or [batch, width].
+  """
+  parsed = tf.io.parse_example(serialized, _parse_spec(names))
+  return _densify(parsed, {"history_item_ids": max_history})
+
+
+def query_input_signature() -> dict[str, tf.TensorSpec]:
+  """The serving inputs of a query: raw values, batched; history is [batch, width]."""
+  return {
+      name: tf.TensorSpec([None, None] if FEATURES[name][1] else [None],
+                          FEATURES[name][0], name=name)
+      for name in QUERY_FEATURES
+  }
+
+
+def candidate_input_signature() -> dict[str, tf.TensorSpec]:
+  """The inputs of the candidate tower: raw item features, batched."""
+  return {
+      name: tf.TensorSpec([None, None] if FEATURES[name][1] else [None],
+                          FEATURES[name][0], name=name)
+      for name in CANDIDATE_FEATURES
+  }
+
+
+def _feature(name: str, value: Any) -> tf.train.Feature:
+  dtype, multi, _ = FEATURES[name]
+  values = list(value) if multi else [value]
+  if dtype == tf.string:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(
+        value=[v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]))
+  if dtype == tf.int64:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+  return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+
+
+def to_example(values: Mapping[str, Any]) -> tf.train.Example:
+  """Builds an Example from name -> Python value (str/bytes, int, float, or lists).
+
+  Raises:
+    KeyError: a name that is not in `FEATURES`.
+  """
+  unknown = set(values) - set(FEATURES)
+  if unknown:
+    raise KeyError(f"not Example features: {sorted(unknown)}")
+  return tf.train.Example(features=tf.train.Features(
+      feature={name: _feature(name, value) for name, value in values.items()}))
+
+
+def from_example(example: tf.train.Example) -> dict[str, Any]:
+  """The inverse of `to_example`, for tests and tools: name -> Python value."""
+  out: dict[str, Any] = {}
+  for name, feature in example.features.feature.items():
+    dtype, multi, _ = FEATURES[name]
+    if dtype == tf.string:
+      values = [v.decode("utf-8") for v in feature.bytes_list.value]
+    elif dtype == tf.int64:
+      values = list(feature.int64_list.value)
+    else:
+      values = list(feature.float_list.value)
+    out[name] = values if multi else values[0]
+  return out

@@ -1,0 +1,25 @@
+"""towerstream: sampling-bias-corrected two-tower retrieval, trained as a daily stream."""
+
+import setuptools
+
+STACK = [
+    # ScaNN's TF ops load only on TF 2.20; TFRS 0.7.7 needs Keras 2 (tf-keras).
+    "tensorflow==2.20.0",
+    "tf-keras==2.20.1",
+    "tensorflow-recommenders==0.7.7",
+    "scann[tf]==1.4.2",
+    "apache-beam==2.77.0",
+    "tensorflow-serving-api==2.20.0",
+    "absl-py>=2.1",
+    "matplotlib>=3.8",
+]
+
+setuptools.setup(
+    name="towerstream",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.10,<3.13",
+    packages=["pipeline", "models", "estimators", "serving"],
+    install_requires=STACK,
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
+)
