@@ -1,0 +1,157 @@
+"""The two-tower model's configuration, saved as W/config.json on the first day.
+
+A workdir trains one model for its whole life: the fields that decide variable
+shapes or what the loss means (ARCHITECTURE_FIELDS) must stay the same from day to
+day, or a checkpoint would silently restore into a different model. The remaining
+fields are run-time knobs that may change between days.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+from typing import Any, Mapping  # noqa: E402
+
+import tensorflow as tf  # noqa: E402
+
+CORRECTIONS = ("streaming", "exact", "none")
+OPTIMIZERS = ("adagrad", "adam", "sgd")
+
+# Fields that may differ between days of the same workdir.
+RUNTIME_FIELDS = frozenset({"batch_size", "learning_rate", "checkpoint_every_steps",
+                            "log_every_steps", "shuffle_buffer", "max_checkpoints"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes of the towers, the loss and the training loop.
+
+  Attributes:
+    embedding_dim: width of both towers' L2-normalised outputs.
+    id_embedding_dim: width of the item-id (shared by seed, history, candidate) and
+      user-id embeddings.
+    feature_embedding_dim: width of the small categorical embeddings (device,
+      country, channel, topics, hour, day of week).
+    item_buckets, user_buckets, channel_buckets, topic_buckets, category_buckets:
+      hash bucket counts; one extra row per table is the all-zero "absent" value.
+    query_hidden, candidate_hidden: hidden ReLU layer widths of each tower's MLP.
+    temperature: softmax temperature; scores are <u, v> / temperature.
+    max_history: history items kept per example (most recent first).
+    batch_size: examples per step; the in-batch softmax's candidate count.
+    optimizer, learning_rate: the optimizer ("adagrad", "adam" or "sgd").
+    correction: logQ correction "streaming" (the paper's estimator), "exact" (the
+      oracle frequency count) or "none".
+    estimator_buckets, estimator_hashes, estimator_alpha: the streaming
+      estimator's hash array size H, hash function count m and EMA rate a. The
+      default a = 0.1 (the paper simulates 0.01 to 0.1) suits days of tens to
+      hundreds of steps: at 0.01 the estimate is still near its initial value
+      after a week of such days, and the correction does little.
+    estimator_options: further keyword arguments of the estimator of
+      `correction` (estimators.make_estimator), e.g. {"init": "prior"} or, for
+      "exact", {"method": "gap"}.
+    checkpoint_every_steps: steps between checkpoints (one more at end of day).
+    log_every_steps: steps between TensorBoard summaries and progress logs.
+    shuffle_buffer: 0 keeps exact time order; n > 1 shuffles within consecutive,
+      non-overlapping windows of n examples (deterministically, so resumable).
+    max_checkpoints: checkpoints kept by the CheckpointManager.
+    seed: initialisation seed.
+  """
+
+  embedding_dim: int = 64
+  id_embedding_dim: int = 32
+  feature_embedding_dim: int = 8
+  item_buckets: int = 200_000
+  user_buckets: int = 100_000
+  channel_buckets: int = 10_000
+  topic_buckets: int = 2_000
+  category_buckets: int = 100
+  query_hidden: tuple[int, ...] = (128,)
+  candidate_hidden: tuple[int, ...] = (128,)
+  temperature: float = 0.05
+  max_history: int = 50
+  batch_size: int = 1024
+  optimizer: str = "adagrad"
+  learning_rate: float = 0.1
+  correction: str = "streaming"
+  estimator_buckets: int = 1 << 20
+  estimator_hashes: int = 4
+  estimator_alpha: float = 0.1
+  estimator_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+  checkpoint_every_steps: int = 500
+  log_every_steps: int = 100
+  shuffle_buffer: int = 0
+  max_checkpoints: int = 3
+  seed: int = 0
+
+  def __post_init__(self):
+    # JSON turns tuples into lists; keep the dataclass hashable and comparable.
+    object.__setattr__(self, "query_hidden", tuple(int(w) for w in self.query_hidden))
+    object.__setattr__(self, "candidate_hidden",
+                       tuple(int(w) for w in self.candidate_hidden))
+    object.__setattr__(self, "estimator_options", dict(self.estimator_options))
+    if self.correction not in CORRECTIONS:
+      raise ValueError(f"correction must be one of {CORRECTIONS}, got {self.correction!r}")
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+    if not self.temperature > 0:
+      raise ValueError(f"temperature must be > 0, got {self.temperature}")
+    for name in ("embedding_dim", "id_embedding_dim", "feature_embedding_dim",
+                 "item_buckets", "user_buckets", "channel_buckets", "topic_buckets",
+                 "category_buckets", "max_history", "batch_size", "estimator_buckets",
+                 "estimator_hashes", "checkpoint_every_steps", "log_every_steps",
+                 "max_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.shuffle_buffer < 0:
+      raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()}
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+    """Builds a config; unknown keys are an error (a typo must not pass silently)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+      raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
+    return cls(**values)
+
+  @classmethod
+  def from_json(cls, text: str) -> "ModelConfig":
+    return cls.from_dict(json.loads(text))
+
+  def incompatibilities(self, other: "ModelConfig") -> list[str]:
+    """The architecture fields on which `other` differs, as "name: a != b" lines."""
+    mine, theirs = self.to_dict(), other.to_dict()
+    return [f"{name}: {mine[name]!r} != {theirs[name]!r}" for name in sorted(mine)
+            if name not in RUNTIME_FIELDS and mine[name] != theirs[name]]
+
+
+def read_config(path: str) -> ModelConfig:
+  """Reads a config file written by `write_config`, naming the file on error."""
+  with tf.io.gfile.GFile(path, "r") as f:
+    text = f.read()
+  try:
+    return ModelConfig.from_json(text)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{path}: not a valid ModelConfig: {e}") from e
+
+
+def write_config(config: ModelConfig, path: str) -> None:
+  """Writes the config atomically (temp file + rename); any tf.io.gfile path."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(config.to_json() + "\n")
+  tf.io.gfile.rename(tmp, path, overwrite=True)

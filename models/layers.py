@@ -1,0 +1,146 @@
+"""Keras layers that turn raw feature values into embeddings, inside the graph.
+
+They take the dense form of models/features.py, where "" means absent and
+multi-valued features are [batch, width] matrices of any width (0 included), so
+the same layers serve training batches and padded serving requests.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+from typing import Sequence  # noqa: E402
+
+import tensorflow as tf  # noqa: E402
+
+_SECONDS_PER_HOUR = 3600
+_SECONDS_PER_DAY = 86400
+_EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday; Monday is 0.
+
+
+class HashedEmbedding(tf.keras.layers.Layer):
+  """Embeds string ids of any shape by hashing them into buckets.
+
+  No vocabulary: an id never seen before lands in some bucket and gets that
+  bucket's vector. Row 0 is reserved for "" (absent), which embeds to zeros and
+  receives no gradient, so absent values drop out of sums and means.
+
+  Input: string tensor of any shape S. Output: float32 [*S, dim].
+  """
+
+  def __init__(self, num_buckets: int, dim: int, seed: int = 0, **kwargs):
+    """Initializes the layer.
+
+    Args:
+      num_buckets: hash buckets for present ids; the table has num_buckets + 1 rows.
+      dim: embedding width.
+      seed: initializer seed.
+      **kwargs: passed to tf.keras.layers.Layer (name, ...).
+    """
+    super().__init__(**kwargs)
+    self.num_buckets = num_buckets
+    self.dim = dim
+    self.seed = seed
+    self.embedding = tf.keras.layers.Embedding(
+        num_buckets + 1, dim, name="table",
+        embeddings_initializer=tf.keras.initializers.RandomUniform(-0.05, 0.05, seed=seed))
+
+  def bucket(self, ids: tf.Tensor) -> tf.Tensor:
+    """The row of each id: 0 for "", else 1 + fingerprint bucket."""
+    return tf.where(ids == "", tf.constant(0, tf.int64),
+                    tf.strings.to_hash_bucket_fast(ids, self.num_buckets) + 1)
+
+  def call(self, ids: tf.Tensor) -> tf.Tensor:
+    present = tf.cast(ids != "", self.compute_dtype)
+    return self.embedding(self.bucket(ids)) * present[..., tf.newaxis]
+
+  def get_config(self):
+    return {**super().get_config(), "num_buckets": self.num_buckets, "dim": self.dim,
+            "seed": self.seed}
+
+
+class WeightedMean(tf.keras.layers.Layer):
+  """Weighted mean of embeddings over the last-but-one axis, zeros where none.
+
+  Inputs: embeddings [B, T, d] and weights [B, T] (0 = absent; negative weights
+  count as 0). Output: sum_t w_t e_t / sum_t w_t [B, d]; a row whose weights sum
+  to 0 (empty history, no topics, T = 0) is all zeros, not NaN.
+  """
+
+  def call(self, embeddings: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+    weights = tf.nn.relu(tf.cast(weights, embeddings.dtype))
+    total = tf.reduce_sum(weights, axis=1, keepdims=True)
+    summed = tf.reduce_sum(embeddings * weights[..., tf.newaxis], axis=1)
+    return tf.math.divide_no_nan(summed, total)
+
+
+class TimeFeatures(tf.keras.layers.Layer):
+  """Hour-of-day and day-of-week embeddings from an epoch-seconds timestamp (UTC).
+
+  Input: int64 [B] seconds. Output: float32 [B, 2 * dim].
+  """
+
+  def __init__(self, dim: int, seed: int = 0, **kwargs):
+    super().__init__(**kwargs)
+    self.dim = dim
+    self.seed = seed
+    init = lambda s: tf.keras.initializers.RandomUniform(-0.05, 0.05, seed=s)  # noqa: E731
+    self.hour = tf.keras.layers.Embedding(24, dim, embeddings_initializer=init(seed),
+                                          name="hour")
+    self.weekday = tf.keras.layers.Embedding(7, dim, embeddings_initializer=init(seed + 1),
+                                             name="weekday")
+
+  def call(self, timestamp: tf.Tensor) -> tf.Tensor:
+    seconds = tf.cast(timestamp, tf.int64)
+    hour = tf.math.floormod(seconds // _SECONDS_PER_HOUR, 24)
+    weekday = tf.math.floormod(seconds // _SECONDS_PER_DAY + _EPOCH_WEEKDAY, 7)
+    return tf.concat([self.hour(hour), self.weekday(weekday)], axis=-1)
+
+  def get_config(self):
+    return {**super().get_config(), "dim": self.dim, "seed": self.seed}
+
+
+class NormalizedMLP(tf.keras.layers.Layer):
+  """ReLU hidden layers, a linear projection to `output_dim`, then L2 normalisation.
+
+  Input: float [B, n]. Output: float32 [B, output_dim] with unit rows, so that
+  <u, v> is a cosine and the temperature alone sets the logits' scale.
+  """
+
+  def __init__(self, hidden: Sequence[int], output_dim: int, seed: int = 0, **kwargs):
+    super().__init__(**kwargs)
+    self.hidden = tuple(hidden)
+    self.output_dim = output_dim
+    self.seed = seed
+    init = lambda i: tf.keras.initializers.GlorotUniform(seed=seed + i)  # noqa: E731
+    self.dense = [tf.keras.layers.Dense(w, activation="relu", kernel_initializer=init(i),
+                                        name=f"hidden_{i}")
+                  for i, w in enumerate(self.hidden)]
+    self.projection = tf.keras.layers.Dense(
+        output_dim, kernel_initializer=init(len(self.hidden)), name="projection")
+
+  def call(self, inputs: tf.Tensor) -> tf.Tensor:
+    x = inputs
+    for layer in self.dense:
+      x = layer(x)
+    return tf.math.l2_normalize(self.projection(x), axis=-1, epsilon=1e-12)
+
+  def get_config(self):
+    return {**super().get_config(), "hidden": list(self.hidden),
+            "output_dim": self.output_dim, "seed": self.seed}
+
+
+def align_weights(weights: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+  """Cuts or pads (with 1.0, the documented default) weights [B, W] to values [B, T].
+
+  A batch may carry fewer weights than topics (weights absent from every
+  record) or more (a padded serving request); weights of absent values ("")
+  become 0.
+  """
+  width = tf.shape(values)[1]
+  weights = tf.cast(weights[:, :width], tf.float32)
+  missing = width - tf.shape(weights)[1]
+  weights = tf.pad(weights, [[0, 0], [0, missing]], constant_values=1.0)
+  return weights * tf.cast(values != "", tf.float32)

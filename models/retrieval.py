@@ -1,0 +1,140 @@
+"""The two-tower retrieval model and its logQ-corrected in-batch softmax loss.
+
+Loss (Yi et al. 2019, eq. 3 with the correction of section 4): for a batch of B
+(query, candidate) pairs with unit embeddings u_i, v_j, estimator probabilities
+p_j (the chance that item j appears in a batch) and rewards r_i,
+
+  s_ij = <u_i, v_j> / temperature - log p_j       (every logit, positive included)
+  L = -(1/B) sum_i r_i log softmax_j(s_ij)[i]
+
+where a column j != i with the same item id as row i is an accidental hit and is
+masked out of row i's softmax. `tfrs.tasks.Retrieval` (0.7.7) applies the
+temperature first and then subtracts log p (clipped to [1e-6, 1]), which is this
+order; tests/test_models.py pins it against a hand computation. The task sums
+over the batch; we divide by the global batch size, as tf.distribute expects.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+from typing import Mapping, Optional  # noqa: E402
+
+import tensorflow as tf  # noqa: E402
+import tensorflow_recommenders as tfrs  # noqa: E402
+
+import estimators  # noqa: E402
+from models import layers  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+from models.towers import CandidateTower, QueryTower  # noqa: E402
+
+
+def make_frequency_estimator(config: ModelConfig) -> Optional[tf.keras.layers.Layer]:
+  """The estimator for `config.correction`, or None for "none".
+
+  "streaming" is the paper's hashed estimator; "exact" the per-id oracle
+  (estimators.ExactFrequencyEstimator, by default its long-run count method).
+  """
+  if config.correction == "none":
+    return None
+  options = dict(config.estimator_options)
+  if config.correction == "streaming":
+    options.update(num_buckets=config.estimator_buckets,
+                   num_hashes=config.estimator_hashes)
+  return estimators.make_estimator(config.correction, alpha=config.estimator_alpha,
+                                   name="frequency_estimator", **options)
+
+
+def in_batch_recall(query_embeddings: tf.Tensor, candidate_embeddings: tf.Tensor,
+                    candidate_ids: tf.Tensor, k: int) -> tf.Tensor:
+  """Fraction of rows whose positive ranks in the top k of the batch's candidates.
+
+  Ranks by the raw score <u, v> (what serving ranks by, no correction); other
+  columns with the positive's item id are not counted as competitors.
+  """
+  scores = tf.linalg.matmul(query_embeddings, candidate_embeddings, transpose_b=True)
+  positive = tf.linalg.diag_part(scores)[:, tf.newaxis]
+  index = tf.unique(candidate_ids).idx
+  same_item = tf.equal(index[:, tf.newaxis], index[tf.newaxis, :])
+  beaten_by = tf.logical_and(scores > positive, tf.logical_not(same_item))
+  rank = tf.reduce_sum(tf.cast(beaten_by, tf.int32), axis=1)
+  return tf.reduce_mean(tf.cast(rank < k, tf.float32))
+
+
+class TwoTowerModel(tfrs.Model):
+  """Query and candidate towers trained with a logQ-corrected in-batch softmax.
+
+  Attributes:
+    config: the ModelConfig it was built from.
+    query_tower: QueryTower, raw QUERY_FEATURES dict -> unit embeddings [B, d].
+    candidate_tower: CandidateTower, raw CANDIDATE_FEATURES dict -> [B, d].
+    estimator: the item-frequency estimator layer, or None for correction "none".
+    task: the tfrs.tasks.Retrieval loss.
+  """
+
+  def __init__(self, config: ModelConfig, **kwargs):
+    super().__init__(**kwargs)
+    self.config = config
+    item_embedding = layers.HashedEmbedding(config.item_buckets, config.id_embedding_dim,
+                                            seed=config.seed, name="item_id_embedding")
+    self.query_tower = QueryTower(config, item_embedding, name="query_tower")
+    self.candidate_tower = CandidateTower(config, item_embedding, name="candidate_tower")
+    self.estimator = make_frequency_estimator(config)
+    self.task = tfrs.tasks.Retrieval(temperature=config.temperature,
+                                     remove_accidental_hits=True)
+
+  def call(self, features: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Returns (query embeddings, candidate embeddings), each [B, d]."""
+    return self.query_tower(features), self.candidate_tower(features)
+
+  def score(self, query_embeddings: tf.Tensor,
+            candidate_embeddings: tf.Tensor) -> tf.Tensor:
+    """Serving scores <u, v> / temperature, [num_queries, num_candidates]."""
+    return tf.linalg.matmul(query_embeddings, candidate_embeddings,
+                            transpose_b=True) / self.config.temperature
+
+  def sampling_probability(self, item_ids: tf.Tensor, step: Optional[tf.Tensor],
+                           training: bool) -> Optional[tf.Tensor]:
+    """p of each candidate: updates the estimator at `step` when training."""
+    if self.estimator is None:
+      return None
+    if training:
+      if step is None:
+        if self.optimizer is None:
+          raise ValueError("training with a frequency estimator needs the global step: "
+                           "pass step= or compile the model with an optimizer")
+        step = self.optimizer.iterations
+      return self.estimator(item_ids, tf.cast(step, tf.int64))
+    return self.estimator.estimate(item_ids)
+
+  def compute_loss(self, features: Mapping[str, tf.Tensor], training: bool = False,
+                   step: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """The corrected, reward-weighted in-batch softmax loss (module docstring).
+
+    Args:
+      features: a parsed batch with query and candidate features; "reward" is the
+        sample weight (1.0 when absent).
+      training: update the estimator (else read it only).
+      step: global step for the estimator; defaults to the optimizer's iterations.
+
+    Returns:
+      Scalar loss, averaged over the global batch.
+    """
+    query_embeddings, candidate_embeddings = self(features, training=training)
+    item_ids = features["item_id"]
+    # Accidental hits compare ids B x B times: small ints are 4x faster than strings.
+    item_index = tf.unique(item_ids).idx
+    reward = features.get("reward")
+    if reward is None:
+      reward = tf.ones_like(query_embeddings[:, 0])
+    loss_sum = self.task(
+        query_embeddings, candidate_embeddings,
+        sample_weight=reward,
+        candidate_sampling_probability=self.sampling_probability(item_ids, step, training),
+        candidate_ids=item_index,
+        compute_metrics=False, compute_batch_metrics=False)
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    global_batch = tf.cast(tf.shape(query_embeddings)[0] * replicas, loss_sum.dtype)
+    return loss_sum / global_batch

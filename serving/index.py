@@ -1,0 +1,219 @@
+"""Nearest-neighbour search over the item embeddings: ScaNN, its exact twin, recall.
+
+The ScaNN index is `tfrs.layers.factorized_top_k.ScaNN`, indexed without
+identifiers so that it returns row numbers into the corpus; the servable maps rows
+to item ids. Its parameters come from the corpus size (`scann_params`) and are
+verified against exact search on held-out queries (`tune_scann`): when recall@10
+falls short, the search is widened and the index rebuilt, and the export fails if
+even the widest setting misses the bar.
+
+Two properties of the ScaNN op shape the parameters here:
+  * with reordering, a search returns at most `num_reordering_candidates`
+    neighbours, whatever `k` asks for, so that count is kept above the most
+    neighbours a servable will ever fetch (`max_fetch`);
+  * when the searched leaves hold fewer than `k` points the result is narrower
+    than `k` and padded with NaN scores (and row 0), which callers must mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+from typing import Optional  # noqa: E402
+
+from absl import logging  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_recommenders as tfrs  # noqa: E402
+
+RECALL_K = 10
+# Rebuilds tried after the first index before the export gives up.
+MAX_RETUNES = 4
+# Queries per exact-search block: bounds the [queries, corpus] score matrix.
+_EXACT_QUERY_BLOCK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ScannParams:
+  """The knobs of `tfrs.layers.factorized_top_k.ScaNN` that decide speed vs recall."""
+  num_leaves: int
+  num_leaves_to_search: int
+  num_reordering_candidates: int
+  dimensions_per_block: int = 2
+  training_iterations: int = 12
+
+  def widened(self, num_items: int) -> "ScannParams":
+    """Twice the leaves searched and twice the candidates reordered (capped).
+
+    Missed neighbours sit in leaves not searched or are lost to the hashed
+    scores before the exact reorder; widening both fixes either cause.
+    """
+    return dataclasses.replace(
+        self,
+        num_leaves_to_search=min(self.num_leaves, 2 * self.num_leaves_to_search),
+        num_reordering_candidates=min(num_items, 2 * self.num_reordering_candidates))
+
+  def is_widest(self, num_items: int) -> bool:
+    return (self.num_leaves_to_search >= self.num_leaves and
+            self.num_reordering_candidates >= num_items)
+
+
+def scann_params(num_items: int, max_fetch: int) -> ScannParams:
+  """ScaNN's rules of thumb, sized to the corpus.
+
+  About sqrt(n) leaves (ScaNN's recommendation for tree partitioning), a tenth of
+  them and at least 10 searched (small corpora are searched almost whole), and
+  anisotropic hashing with two dimensions per block followed by an exact float
+  reorder of the best max(250, 4 * max_fetch) candidates.
+
+  Args:
+    num_items: corpus size.
+    max_fetch: the most neighbours one query will ask for (k plus exclusions).
+
+  Returns:
+    The starting parameters; `tune_scann` checks and widens them.
+  """
+  if num_items < 1:
+    raise ValueError(f"cannot index an empty corpus (num_items={num_items})")
+  num_leaves = max(1, min(num_items, int(round(math.sqrt(num_items)))))
+  to_search = min(num_leaves, max(10, math.ceil(0.1 * num_leaves)))
+  reorder = min(num_items, max(250, 4 * max_fetch))
+  return ScannParams(num_leaves, to_search, reorder)
+
+
+def build_scann(embeddings: tf.Tensor, params: ScannParams,
+                k: int) -> tfrs.layers.factorized_top_k.ScaNN:
+  """A TFRS ScaNN layer over `embeddings` [n, d] (dot product), returning row numbers.
+
+  Call it as `layer(query_embeddings, k=...)` -> (scores, rows); see the module
+  docstring for the NaN padding of short results.
+  """
+  layer = tfrs.layers.factorized_top_k.ScaNN(
+      k=k,
+      distance_measure="dot_product",
+      num_leaves=params.num_leaves,
+      num_leaves_to_search=params.num_leaves_to_search,
+      training_iterations=params.training_iterations,
+      dimensions_per_block=params.dimensions_per_block,
+      num_reordering_candidates=params.num_reordering_candidates,
+      name="scann")
+  return layer.index(tf.convert_to_tensor(embeddings, tf.float32))
+
+
+def exact_top_k(queries: tf.Tensor, embeddings: tf.Tensor,
+                k: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """Exact dot-product top k with stock ops: (scores [B, k], rows int32 [B, k])."""
+  top = tf.math.top_k(tf.linalg.matmul(queries, embeddings, transpose_b=True), k=k)
+  return top.values, top.indices
+
+
+def exact_top_k_numpy(queries: np.ndarray, embeddings: np.ndarray,
+                      k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Exact top k in query blocks, so a large corpus never needs a [B, n] matrix."""
+  scores, rows = [], []
+  for start in range(0, len(queries), _EXACT_QUERY_BLOCK):
+    s, r = exact_top_k(tf.constant(queries[start:start + _EXACT_QUERY_BLOCK]),
+                       tf.constant(embeddings), k)
+    scores.append(s.numpy())
+    rows.append(r.numpy())
+  return np.concatenate(scores), np.concatenate(rows)
+
+
+def recall_against_exact(approx_rows: np.ndarray, queries: np.ndarray,
+                         embeddings: np.ndarray, exact_scores: np.ndarray,
+                         k: int) -> float:
+  """Recall@k of an approximate top k, tie-aware.
+
+  A returned row counts as a true neighbour when its exact score reaches the k-th
+  exact score (less 1e-5 for float error), so items with tied scores (hash
+  collisions, duplicate features) are interchangeable. Padding rows (< 0) miss.
+
+  Args:
+    approx_rows: int [B, >=k] rows returned by the approximate search.
+    queries: [B, d] query embeddings.
+    embeddings: [n, d] corpus embeddings.
+    exact_scores: [B, >=k] exact top scores, descending.
+    k: the cut-off.
+
+  Returns:
+    Mean over queries of |true neighbours among the first k returned| / k.
+  """
+  rows = approx_rows[:, :k]
+  valid = rows >= 0
+  true_scores = np.einsum("bd,bkd->bk", queries, embeddings[np.where(valid, rows, 0)])
+  threshold = exact_scores[:, k - 1:k] - 1e-5
+  hits = np.logical_and(valid, true_scores >= threshold)
+  return float(hits.sum(axis=1).mean() / k)
+
+
+def scann_rows(layer: tfrs.layers.factorized_top_k.ScaNN, queries: np.ndarray,
+               k: int) -> np.ndarray:
+  """Rows [B, k] found by a ScaNN layer, -1 where it found fewer than k."""
+  scores, rows = layer(tf.constant(queries, tf.float32), k=k)
+  rows = np.where(np.isnan(scores.numpy()), -1, rows.numpy())
+  return np.pad(rows, [(0, 0), (0, k - rows.shape[1])], constant_values=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedScann:
+  """A ScaNN layer whose recall was measured, with the history of the tuning."""
+  layer: tfrs.layers.factorized_top_k.ScaNN
+  params: ScannParams
+  recall: dict[int, float]
+  num_queries: int
+  attempts: tuple[dict, ...]
+
+
+def tune_scann(embeddings: np.ndarray, queries: np.ndarray, k: int, max_fetch: int,
+               min_recall: float = 0.95,
+               params: Optional[ScannParams] = None) -> TunedScann:
+  """Builds a ScaNN index whose recall@10 against exact search meets `min_recall`.
+
+  Starts from `scann_params` (or `params`), measures recall@10 and recall@k on
+  `queries`, and widens the search (`ScannParams.widened`) until the bar is met or
+  the widest setting, at most MAX_RETUNES times.
+
+  Args:
+    embeddings: float32 [n, d] corpus embeddings.
+    queries: float32 [m, d] held-out query embeddings (not used to build the index).
+    k: the servable's default k; recall is also reported at k.
+    max_fetch: the most neighbours one query may ask for.
+    min_recall: required recall@10.
+    params: starting parameters; default from the corpus size.
+
+  Returns:
+    The index and its measured recall ({10: r10, k: rk}).
+
+  Raises:
+    ValueError: no queries, or the recall bar is out of reach; the message holds
+      every attempt's parameters and recall.
+  """
+  embeddings = np.asarray(embeddings, np.float32)
+  queries = np.asarray(queries, np.float32)
+  if len(queries) == 0:
+    raise ValueError("measuring the ANN's recall needs at least one held-out query")
+  num_items = len(embeddings)
+  params = params or scann_params(num_items, max_fetch)
+  cutoffs = sorted({min(RECALL_K, num_items), min(k, num_items)})
+  exact_scores, _ = exact_top_k_numpy(queries, embeddings, cutoffs[-1])
+  attempts = []
+  for _ in range(MAX_RETUNES + 1):
+    layer = build_scann(embeddings, params, k=min(k, num_items))
+    rows = scann_rows(layer, queries, cutoffs[-1])
+    recall = {c: recall_against_exact(rows, queries, embeddings, exact_scores, c)
+              for c in cutoffs}
+    attempts.append({"params": dataclasses.asdict(params),
+                     "recall": {str(c): r for c, r in recall.items()}})
+    logging.info("ScaNN %s over %d items: recall %s", params, num_items, recall)
+    if recall[cutoffs[0]] >= min_recall:
+      return TunedScann(layer, params, recall, len(queries), tuple(attempts))
+    if params.is_widest(num_items):
+      break
+    params = params.widened(num_items)
+  raise ValueError(
+      f"ScaNN recall@{cutoffs[0]} stays below --min_ann_recall={min_recall} on "
+      f"{len(queries)} held-out queries over {num_items} items; attempts: {attempts}")

@@ -1,0 +1,236 @@
+"""The exported retrieval model: raw query features in, top-k item ids and scores out.
+
+`ScannRetriever` and `ExactRetriever` are one contract over two searches, so the
+two exports are interchangeable for a client. Each SavedModel has the signatures
+
+  serving_default   query features -> item_ids string [B, k], scores float [B, k]
+  retrieve          query features, k (int32 scalar), exclude_item_ids string
+                    [B, E] -> the best k items not in each row's exclusions
+  query_embedding   query features -> query_embedding float [B, d]
+  candidate_embedding  candidate features -> candidate_embedding float [B, d]
+
+and the attributes `item_ids` [n] and `item_embeddings` [n, d] (variables), the
+corpus it searches, for teams that bring their own ANN. Query features are those
+of models/features.py (`query_input_signature`): batched, history a string
+matrix padded with "". Scores are <u, v> / temperature, the model's own score.
+Where fewer than k items qualify (tiny corpus, everything excluded), the row is
+padded with item id "" and score -inf.
+
+Requests are checked in the graph: features whose batch sizes disagree, or a k
+outside [1, max_k], fail with an InvalidArgumentError that says so. History wider
+than the model's `max_history` is cut to its most recent items, as in training.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+from typing import Mapping, Optional  # noqa: E402
+
+import tensorflow as tf  # noqa: E402
+import tensorflow_recommenders as tfrs  # noqa: E402
+
+from models import features as features_lib  # noqa: E402
+
+SERVING_DEFAULT = "serving_default"
+RETRIEVE = "retrieve"
+QUERY_EMBEDDING = "query_embedding"
+CANDIDATE_EMBEDDING = "candidate_embedding"
+SIGNATURES = (SERVING_DEFAULT, RETRIEVE, QUERY_EMBEDDING, CANDIDATE_EMBEDDING)
+
+
+def _retrieve_signature() -> dict[str, tf.TensorSpec]:
+  return {
+      **features_lib.query_input_signature(),
+      "k": tf.TensorSpec([], tf.int32, name="k"),
+      "exclude_item_ids": tf.TensorSpec([None, None], tf.string, name="exclude_item_ids"),
+  }
+
+
+def _check_batch(features: Mapping[str, tf.Tensor]) -> list[tf.Operation]:
+  """Asserts that every feature has the batch size of the first."""
+  names = sorted(features)
+  batch = tf.shape(features[names[0]])[0]
+  return [
+      tf.debugging.assert_equal(
+          tf.shape(features[name])[0], batch,
+          message=f"request features disagree on the batch size: {name!r} vs "
+                  f"{names[0]!r}")
+      for name in names[1:]
+  ]
+
+
+class Retriever(tf.Module):
+  """Query tower + a search over the item embeddings; subclasses choose the search.
+
+  Attributes:
+    query_tower, candidate_tower: the trained towers (Keras models).
+    item_ids: string variable [n], the corpus.
+    item_embeddings: float32 variable [n, d], the candidate tower's output.
+    k: the number of items `serving_default` returns.
+    max_k: the most items one request may ask `retrieve` for.
+  """
+
+  def __init__(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
+               item_ids: tf.Tensor, item_embeddings: tf.Tensor, temperature: float,
+               k: int, max_history: int, max_k: int, name: str):
+    super().__init__(name=name)
+    if not 1 <= k <= max_k:
+      raise ValueError(f"need 1 <= k <= max_k, got k={k}, max_k={max_k}")
+    self.query_tower = query_tower
+    self.candidate_tower = candidate_tower
+    self.item_ids = tf.Variable(item_ids, trainable=False, name="item_ids")
+    self.item_embeddings = tf.Variable(item_embeddings, trainable=False,
+                                       name="item_embeddings")
+    self.k = k
+    self.max_k = max_k
+    self._temperature = float(temperature)
+    self._max_history = max_history
+
+  @property
+  def num_items(self) -> int:
+    return int(self.item_ids.shape[0])
+
+  def _fetch_limit(self) -> int:
+    """The most neighbours the search can return for one query."""
+    raise NotImplementedError
+
+  def _search(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """(dot products [B, <=k], rows [B, <=k]); NaN scores mark missing results."""
+    raise NotImplementedError
+
+  def _embed_query(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
+    with tf.control_dependencies(_check_batch(features)):
+      history = features["history_item_ids"][:, :self._max_history]
+      query = {name: tf.identity(features[name])
+               for name in features_lib.QUERY_FEATURES}
+    query["history_item_ids"] = history
+    return self.query_tower(query, training=False)
+
+  def _top_k(self, queries: tf.Tensor, k: tf.Tensor,
+             exclude: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The best k rows not excluded, padded to exactly k with ("", -inf)."""
+    fetch = tf.minimum(k + tf.shape(exclude)[1], self._fetch_limit())
+    scores, rows = self._search(queries, fetch)
+    ids = tf.gather(self.item_ids, rows)
+    valid = tf.logical_not(tf.math.is_nan(scores))
+    excluded = tf.reduce_any(ids[:, :, tf.newaxis] == exclude[:, tf.newaxis, :], axis=2)
+    valid = tf.logical_and(valid, tf.logical_not(excluded))
+    scores = tf.where(valid, scores / self._temperature, float("-inf"))
+    ids = tf.where(valid, ids, "")
+    missing = tf.maximum(k - tf.shape(scores)[1], 0)
+    scores = tf.pad(scores, [[0, 0], [0, missing]], constant_values=float("-inf"))
+    ids = tf.pad(ids, [[0, 0], [0, missing]], constant_values="")
+    top = tf.math.top_k(scores, k=k)
+    return {"item_ids": tf.gather(ids, top.indices, batch_dims=1), "scores": top.values}
+
+  @tf.function(input_signature=[features_lib.query_input_signature()])
+  def serve(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """serving_default: the top `k` items for each query."""
+    queries = self._embed_query(features)
+    no_exclusions = tf.zeros([tf.shape(queries)[0], 0], tf.string)
+    return self._top_k(queries, tf.constant(self.k), no_exclusions)
+
+  @tf.function(input_signature=[_retrieve_signature()])
+  def retrieve(self, request: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """The top `k` items of each query, leaving out that row's `exclude_item_ids`."""
+    k = request["k"]
+    checks = [
+        tf.debugging.assert_greater_equal(k, 1, message="k must be >= 1"),
+        tf.debugging.assert_less_equal(
+            k, self.max_k, message=f"k must be <= max_k = {self.max_k}"),
+        tf.debugging.assert_equal(
+            tf.shape(request["exclude_item_ids"])[0], tf.shape(request["user_id"])[0],
+            message="exclude_item_ids must have one row per query"),
+    ]
+    with tf.control_dependencies(checks):
+      k = tf.identity(k)
+    queries = self._embed_query({name: request[name]
+                                 for name in features_lib.QUERY_FEATURES})
+    return self._top_k(queries, k, request["exclude_item_ids"])
+
+  @tf.function(input_signature=[features_lib.query_input_signature()])
+  def embed_query(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """query_embedding: the unit query vectors u; scores are <u, v> / temperature."""
+    return {"query_embedding": self._embed_query(features)}
+
+  @tf.function(input_signature=[features_lib.candidate_input_signature()])
+  def embed_candidates(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """candidate_embedding: the unit item vectors v, e.g. for items not yet indexed."""
+    with tf.control_dependencies(_check_batch(features)):
+      features = {name: tf.identity(value) for name, value in features.items()}
+    return {"candidate_embedding": self.candidate_tower(features, training=False)}
+
+  def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
+    return {
+        SERVING_DEFAULT: self.serve.get_concrete_function(),
+        RETRIEVE: self.retrieve.get_concrete_function(),
+        QUERY_EMBEDDING: self.embed_query.get_concrete_function(),
+        CANDIDATE_EMBEDDING: self.embed_candidates.get_concrete_function(),
+    }
+
+  def save(self, export_dir: str) -> None:
+    """Writes the SavedModel (all signatures) to `export_dir`."""
+    tf.saved_model.save(self, export_dir, signatures=self.signatures(),
+                        options=self.save_options())
+
+  def save_options(self) -> tf.saved_model.SaveOptions:
+    return tf.saved_model.SaveOptions()
+
+
+class ExactRetriever(Retriever):
+  """Brute-force search with stock ops only (MatMul, TopKV2): stock TF Serving loads it.
+
+  Scoring a batch builds a [B, n] matrix: 4 * B * n bytes.
+  """
+
+  def __init__(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
+               item_ids: tf.Tensor, item_embeddings: tf.Tensor, temperature: float,
+               k: int, max_history: int, max_k: Optional[int] = None,
+               name: str = "retrieval_exact"):
+    num_items = int(tf.shape(item_ids)[0])
+    super().__init__(query_tower, candidate_tower, item_ids, item_embeddings,
+                     temperature, min(k, num_items), max_history,
+                     min(max_k or num_items, num_items), name)
+
+  def _fetch_limit(self) -> int:
+    return self.num_items
+
+  def _search(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    scores = tf.linalg.matmul(queries, self.item_embeddings, transpose_b=True)
+    top = tf.math.top_k(scores, k=k)
+    return top.values, top.indices
+
+
+class ScannRetriever(Retriever):
+  """ScaNN search (tfrs ScaNN layer); loading needs ScaNN's ops (`import scann`).
+
+  A search returns at most `num_reordering_candidates` neighbours, so max_k is
+  that count (or the corpus size), and `retrieve` fetches at most max_k before
+  dropping exclusions: a row whose exclusions crowd its top max_k gets fewer than
+  k items (padded). The layer keeps its own copy of the embeddings for the
+  reorder, so this export is about twice the exact one's size.
+  """
+
+  def __init__(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
+               item_ids: tf.Tensor, item_embeddings: tf.Tensor, temperature: float,
+               k: int, max_history: int, index: tfrs.layers.factorized_top_k.ScaNN,
+               num_reordering_candidates: int, name: str = "retrieval_scann"):
+    num_items = int(tf.shape(item_ids)[0])
+    limit = min(num_items, num_reordering_candidates)
+    super().__init__(query_tower, candidate_tower, item_ids, item_embeddings,
+                     temperature, min(k, limit), max_history, limit, name)
+    self.index = index
+    self._limit = limit
+
+  def _fetch_limit(self) -> int:
+    return self._limit
+
+  def _search(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    # The op returns fewer columns than k when it finds fewer; NaN marks the gaps.
+    return self.index(queries, k=k)
+
+  def save_options(self) -> tf.saved_model.SaveOptions:
+    return tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])

@@ -1,0 +1,242 @@
+"""Offline evaluation: the recall arithmetic, and a whole day computed by hand.
+
+The end-to-end case uses towers whose rankings are known in closed form: over a
+corpus of n one-hot items, the query for seed item s ranks items s+1, s+2, ...
+(mod n) first, so the target t of an event with seed s sits at rank
+(t - s - 1) mod n. Every expected figure below is derived in the comments.
+"""
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from serving import evaluate
+from serving import export
+from serving import index
+from serving import recall
+import serving_testlib as tl
+
+N = 120
+ITEMS = [f"i{j:03d}" for j in range(N)]
+D = tl.DAY
+P1 = D - datetime.timedelta(days=3)  # two earlier data days: training data
+P2 = D - datetime.timedelta(days=1)
+
+
+class _ItemIndex(tf.keras.layers.Layer):
+  """Item id -> position in ITEMS (-1 when unknown)."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self.table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(ITEMS), tf.range(N)), -1)
+
+  def call(self, ids):
+    return self.table.lookup(ids)
+
+
+class RotationQueryTower(tf.keras.Model):
+  """Seed s -> unit vector scoring item j by n - ((j - s - 1) mod n): s+1 first."""
+
+  def __init__(self):
+    super().__init__()
+    self.lookup = _ItemIndex()
+
+  def call(self, features):
+    seed = self.lookup(features["seed_item_id"])
+    offsets = tf.math.floormod(tf.range(N)[tf.newaxis, :] - seed[:, tf.newaxis] - 1, N)
+    return tf.math.l2_normalize(tf.cast(N - offsets, tf.float32), axis=-1)
+
+
+class OneHotCandidateTower(tf.keras.Model):
+
+  def __init__(self):
+    super().__init__()
+    self.lookup = _ItemIndex()
+
+  def call(self, features):
+    return tf.one_hot(self.lookup(features["item_id"]), N)
+
+
+def test_hit_ranks_and_recall():
+  retrieved = np.array([[b"a", b"b", b"c"], [b"c", b"", b""], [b"b", b"a", b"c"]], object)
+  ranks = recall.hit_ranks(retrieved, np.array([b"b", b"a", b"a"], object))
+  np.testing.assert_array_equal(ranks, [1, recall.MISS, 1])
+  assert recall.recall_at(ranks, [1, 2, 3]) == {1: 0.0, 2: 2 / 3, 3: 2 / 3}
+  assert recall.recall_curve(ranks, 3) == [0.0, 2 / 3, 2 / 3]
+  assert recall.recall_at(np.array([], np.int64), [10]) == {10: None}
+
+
+def test_popularity_order_deciles_and_ranks_with_exclusions():
+  ids = np.array([f"x{j:02d}".encode() for j in range(20)], object)
+  counts = np.zeros(20, np.int64)
+  counts[[7, 3, 12]] = [5, 2, 2]  # x07 first, then the tie x03 < x12, then by id
+  order = recall.popularity_order(ids, counts)
+  np.testing.assert_array_equal(order[:5], [7, 3, 12, 0, 1])
+  deciles = recall.popularity_deciles(ids, counts)
+  assert np.bincount(deciles).tolist() == [2] * 10
+  assert set(np.flatnonzero(deciles == 9)) == {7, 3}
+  assert set(np.flatnonzero(deciles == 8)) == {12, 0}
+  # x05 is 8th in the list (0-based): x07 x03 x12 x00 x01 x02 x04 x05.
+  targets = np.array([b"x05", b"x05", b"zz"], object)
+  seen = [set(), {b"x03", b"x04", b"x19"}, set()]
+  # Skipping x03 and x04 (ranked above x05) moves it up two; x19 is below it.
+  np.testing.assert_array_equal(recall.popularity_ranks(ids, counts, targets, seen),
+                                [7, 5, recall.MISS])
+
+
+def test_batches_keep_the_exclusion_test_within_budget(monkeypatch):
+  monkeypatch.setattr(evaluate, "_EXCLUSION_BUDGET", 100)
+  monkeypatch.setattr(evaluate, "_BATCH", 3)
+  widths = [0, 0, 0, 0, 5, 1, 1]
+  # [0 1 2] is a full batch; [3 4] compares 2 x (5 + 5) x 5 = 100 ids, adding row 5
+  # would make it 150; [5 6] compares 2 x 6 x 1.
+  batches = [b.tolist() for b in evaluate._batches(np.arange(7), widths, k=5)]
+  assert batches == [[0, 1, 2], [3, 4], [5, 6]]
+
+
+def _write_world(workdir):
+  """Two training days and day D, exactly as in the hand computation below."""
+  first, second = P1.isoformat(), P2.isoformat()
+  tl.write_records(os.path.join(tl.day_dir(workdir, P1), "examples-00.tfrecord.gz"), [
+      tl.event_row(f"{first}-1", "u1", "i010"), tl.event_row(f"{first}-2", "u1", "i011"),
+      tl.event_row(f"{first}-3", "u2", "i010")])
+  tl.write_records(os.path.join(tl.day_dir(workdir, P2), "examples-00.tfrecord.gz"), [
+      tl.event_row(f"{second}-1", "u3", "i010"), tl.event_row(f"{second}-2", "u3", "i020"),
+      tl.event_row(f"{second}-3", "u1", "i020")])
+  tl.write_records(os.path.join(tl.day_dir(workdir, P2), "corpus-00.tfrecord.gz"),
+                   [tl.corpus_row(i) for i in ITEMS])
+  events = [  # (user, seed, history, target)
+      ("u1", "i000", ["i020", "i011"], "i005"),
+      ("u1", "i100", ["i005", "i020"], "i011"),
+      ("u4", "i050", [], "i070"),
+      ("u4", "i065", [], "i075"),
+      ("u2", "i119", [], "i999"),
+      ("u3", "i010", ["i011"], "i012"),
+  ]
+  tl.write_records(os.path.join(tl.day_dir(workdir, D), "examples-00.tfrecord.gz"), [
+      tl.event_row(f"d{n}", user, target, seed=seed, history=history,
+                   timestamp=1_709_600_000 + n)
+      for n, (user, seed, history, target) in enumerate(events)])
+
+
+@pytest.fixture(scope="module")
+def hand_world(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("eval"))
+  _write_world(workdir)
+  model = types.SimpleNamespace(query_tower=RotationQueryTower(),
+                                candidate_tower=OneHotCandidateTower())
+  # All 11 leaves searched and all 120 items reordered: ScaNN is exact here.
+  params = index.ScannParams(num_leaves=11, num_leaves_to_search=11,
+                             num_reordering_candidates=N)
+  exported = export.export_day(model, tl.tiny_config(), workdir, P2, k=100,
+                               scann_params=params)
+  metrics = evaluate.evaluate_day(workdir, D, exported["scann_dir"],
+                                  exported["exact_dir"])
+  return workdir, exported, metrics
+
+
+def test_evaluation_matches_hand_computation(hand_world):
+  workdir, _, metrics = hand_world
+  # Training counts (days P1, P2): i010: 3, i020: 2, i011: 1, all others 0.
+  # Popularity list: i010 i020 i011 i000 i001 ... (ties by id).
+  # Event: rotation rank | seen before | rank, seen excluded | popularity ranks
+  #  1 u1 i000->i005: 4  | i010 i011 i020 (history + P1/P2) | 4 | 8, 5 (3 skipped)
+  #  2 u1 i100->i011: 30 | i011 seen: a re-consumption, left out of "seen excluded" | 2
+  #  3 u4 i050->i070: 19 | nothing | 19 | 3 + (70 - 3) = 70, 70
+  #  4 u4 i065->i075: 9  | i070 (event 3, ranked 4th) | 8 | 75, 74
+  #  5 u2 i119->i999: not in the corpus: a miss everywhere
+  #  6 u3 i010->i012: 1  | i010 i020 (P2) i011 (history, ranked 1st) | 0 | 13, 10
+  assert metrics["num_events"] == 6
+  assert metrics["num_events_seen_excluded"] == 5
+  assert metrics["target_in_corpus"] == pytest.approx(5 / 6)
+  assert metrics["num_training_events"] == 6
+  assert metrics["training_days"] == [P1.isoformat(), P2.isoformat()]
+  assert metrics["ks"] == [10, 50, 100]
+  expected = {
+      "all": {"exact": [3 / 6, 5 / 6, 5 / 6], "popularity": [2 / 6, 3 / 6, 5 / 6]},
+      "seen_excluded": {"exact": [3 / 5, 4 / 5, 4 / 5],
+                        "popularity": [1 / 5, 2 / 5, 4 / 5]},
+  }
+  for mode, methods in expected.items():
+    for method, values in methods.items():
+      got = [metrics["recall"][mode][method][str(k)] for k in (10, 50, 100)]
+      np.testing.assert_allclose(got, values, err_msg=f"{mode}/{method}")
+    # ScaNN searches everything here, so it loses nothing.
+    assert metrics["recall"][mode]["scann"] == metrics["recall"][mode]["exact"]
+    assert all(v == 0 for v in metrics["ann_loss"][mode].values())
+  curve = metrics["recall_curve"]["all"]["exact"]
+  assert len(curve) == 100
+  assert curve[0] == 0 and curve[1] == pytest.approx(1 / 6)  # rank 1 is a hit@2
+  # Seen excluded, the exact ranks are 4, 19, 8, miss, 0; popularity's 5, 70, 74, miss, 10.
+  curve = metrics["recall_curve"]["seen_excluded"]["exact"]
+  np.testing.assert_allclose([curve[0], curve[7], curve[8]], [1 / 5, 2 / 5, 3 / 5])
+  curve = metrics["recall_curve"]["seen_excluded"]["popularity"]
+  np.testing.assert_allclose([curve[9], curve[10]], [1 / 5, 2 / 5])
+
+  # Deciles of 12 items each; ascending popularity, ties by descending id, so
+  # decile 9 = i000..i008 + i011 i020 i010, decile 8 = i009 i012..i019 i021..i023,
+  # i070 is 49th (decile 4) and i075 44th (decile 3).
+  table = metrics["by_popularity_decile"]
+  assert [d["num_items"] for d in table["deciles"]] == [12] * 10
+  assert (table["deciles"][9]["min_count"], table["deciles"][9]["max_count"]) == (0, 3)
+  assert [d["num_events"] for d in table["deciles"]] == [0, 0, 0, 1, 1, 0, 0, 0, 1, 2]
+  exact10 = table["all"]["exact"]["10"]
+  assert [exact10[d] for d in (9, 8, 4, 3)] == [0.5, 1.0, 0.0, 1.0]
+  assert exact10[0] is None
+  assert table["seen_excluded"]["exact"]["10"][9] == 1.0
+  pop10 = table["all"]["popularity"]["10"]
+  assert [pop10[d] for d in (9, 8, 4, 3)] == [1.0, 0.0, 0.0, 0.0]
+
+  directory = os.path.join(workdir, "eval", D.isoformat())
+  with open(os.path.join(directory, "metrics.json")) as f:
+    assert json.load(f)["recall"] == metrics["recall"]
+  with open(os.path.join(directory, "recall.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_retrieve_signature_excludes_and_pads(hand_world):
+  _, exported, _ = hand_world
+  loaded = tf.saved_model.load(exported["exact_dir"])
+  inputs = {"user_id": tf.constant(["u"]), "seed_item_id": tf.constant(["i118"]),
+            "history_item_ids": tf.constant([[""]]), "device": tf.constant([""]),
+            "country": tf.constant([""]), "timestamp": tf.constant([0], tf.int64)}
+  out = loaded.signatures["retrieve"](**inputs, k=tf.constant(4),
+                                      exclude_item_ids=tf.constant([["i000", ""]]))
+  # From seed i118: i119, i000, i001, i002, ...; i000 is excluded.
+  assert out["item_ids"].numpy().tolist() == [[b"i119", b"i001", b"i002", b"i003"]]
+  scores = out["scores"].numpy()[0]
+  assert np.all(np.diff(scores) < 0)
+  everything = tf.constant([ITEMS[:118] + ["", ""]])
+  out = loaded.signatures["retrieve"](**inputs, k=tf.constant(4),
+                                      exclude_item_ids=everything)
+  # Only i118 and i119 remain; the rest is padding.
+  assert out["item_ids"].numpy().tolist() == [[b"i119", b"i118", b"", b""]]
+  assert np.isneginf(out["scores"].numpy()[0, 2:]).all()
+
+
+def test_evaluate_cli_defaults_to_exports_from_before_the_day(hand_world, tmp_path):
+  workdir, exported, metrics = hand_world
+  os.remove(os.path.join(workdir, "eval", D.isoformat(), "metrics.json"))
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+  result = subprocess.run(
+      [sys.executable, "-m", "serving.evaluate", f"--workdir={workdir}",
+       f"--date={D.isoformat()}"], env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, "eval", D.isoformat(), "metrics.json")) as f:
+    written = json.load(f)
+  assert written["recall"] == metrics["recall"]
+  assert written["exports"]["scann"]["dir"] == exported["scann_dir"]
+  # The only export is from P2, so day P1 has none to score.
+  result = subprocess.run(
+      [sys.executable, "-m", "serving.evaluate", f"--workdir={workdir}",
+       f"--date={P1.isoformat()}"], env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "no export from a day before" in result.stderr

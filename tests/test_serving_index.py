@@ -1,0 +1,151 @@
+"""ScaNN parameter choice and tuning, versions, warm-up records, the TF Serving config."""
+
+import os
+
+from google.protobuf import text_format
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving import export
+from serving import index
+from serving import versions
+from serving import warmup
+
+
+def _clustered(num, dim, seed):
+  """Unit vectors around 32 centres: the shape real item embeddings have."""
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(32, dim))
+  points = centres[rng.integers(32, size=num)] + 0.5 * rng.normal(size=(num, dim))
+  return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_scann_params_follow_corpus_size():
+  big = index.scann_params(1_000_000, max_fetch=150)
+  assert (big.num_leaves, big.num_leaves_to_search, big.num_reordering_candidates) == (
+      1000, 100, 600)
+  small = index.scann_params(90, max_fetch=150)
+  # 9 leaves, all searched, and every item reordered: exact on a tiny corpus.
+  assert (small.num_leaves, small.num_leaves_to_search,
+          small.num_reordering_candidates) == (9, 9, 90)
+  assert small.is_widest(90)
+  with pytest.raises(ValueError, match="empty corpus"):
+    index.scann_params(0, max_fetch=10)
+
+
+def test_recall_against_exact_counts_ties_and_padding():
+  embeddings = np.array([[1, 0], [1, 0], [0, 1], [-1, 0]], np.float32)
+  queries = np.array([[1, 0]], np.float32)
+  exact_scores, exact_rows = index.exact_top_k_numpy(queries, embeddings, 2)
+  assert exact_scores.tolist() == [[1, 1]]
+  assert set(exact_rows[0]) == {0, 1}
+  # Rows 1 and 0 tie, so either order is perfect; row 2 is a miss, -1 is padding.
+  assert index.recall_against_exact(np.array([[1, 0]]), queries, embeddings,
+                                    exact_scores, 2) == 1.0
+  assert index.recall_against_exact(np.array([[1, 2]]), queries, embeddings,
+                                    exact_scores, 2) == 0.5
+  assert index.recall_against_exact(np.array([[1, -1]]), queries, embeddings,
+                                    exact_scores, 2) == 0.5
+
+
+def test_tune_scann_widens_a_poor_start_until_the_bar_is_met():
+  embeddings = _clustered(4000, 16, seed=0)
+  queries = _clustered(200, 16, seed=1)
+  poor = index.ScannParams(num_leaves=64, num_leaves_to_search=1,
+                           num_reordering_candidates=20)
+  tuned = index.tune_scann(embeddings, queries, k=20, max_fetch=20, min_recall=0.95,
+                           params=poor)
+  assert len(tuned.attempts) > 1
+  assert tuned.attempts[0]["recall"]["10"] < 0.95
+  assert tuned.recall[10] >= 0.95
+  assert tuned.params.num_leaves_to_search > 1
+  # The recall reported is the recall the returned layer has.
+  exact_scores, _ = index.exact_top_k_numpy(queries, embeddings, 10)
+  rows = index.scann_rows(tuned.layer, queries, 10)
+  assert index.recall_against_exact(rows, queries, embeddings, exact_scores,
+                                    10) == pytest.approx(tuned.recall[10])
+
+
+def test_tune_scann_fails_clearly_when_the_bar_is_out_of_reach():
+  embeddings = _clustered(500, 8, seed=2)
+  with pytest.raises(ValueError, match="min_ann_recall=1.01"):
+    index.tune_scann(embeddings, embeddings[:20], k=10, max_fetch=10, min_recall=1.01)
+  with pytest.raises(ValueError, match="at least one held-out query"):
+    index.tune_scann(embeddings, embeddings[:0], k=10, max_fetch=10)
+
+
+def test_scann_pads_short_results_with_minus_one():
+  embeddings = _clustered(50, 8, seed=3)
+  layer = index.build_scann(embeddings, index.ScannParams(10, 1, 50), k=5)
+  rows = index.scann_rows(layer, embeddings[:4], 30)
+  assert rows.shape == (4, 30)
+  # One leaf of 50 items in 10 cannot hold 30 neighbours: the rest is padding.
+  assert (rows == -1).any()
+  assert ((rows >= 0) & (rows < 50) | (rows == -1)).all()
+
+
+def test_versions_grow_publish_atomically_and_never_overwrite(tmp_path):
+  scann_base, exact_base = str(tmp_path / "scann"), str(tmp_path / "exact")
+  assert versions.next_version(scann_base, exact_base) == 1
+  os.makedirs(os.path.join(exact_base, "3"))
+  os.makedirs(os.path.join(exact_base, "not-a-version"))
+  assert versions.list_versions(exact_base) == [3]
+  assert versions.next_version(scann_base, exact_base) == 4
+
+  staged = versions.staging_dir(scann_base, 4)
+  os.makedirs(staged)
+  with open(os.path.join(staged, "saved_model.pb"), "w") as f:
+    f.write("x")
+  assert versions.list_versions(scann_base) == []  # staging is not a version
+  target = versions.publish(staged, scann_base, 4)
+  assert target == os.path.join(scann_base, "4")
+  assert os.path.exists(os.path.join(target, "saved_model.pb"))
+  assert not os.path.exists(staged)
+  assert versions.latest_version_dir(scann_base) == target
+
+  again = versions.staging_dir(scann_base, 4)
+  os.makedirs(again)
+  with pytest.raises(FileExistsError, match="never overwritten"):
+    versions.publish(again, scann_base, 4)
+  assert versions.remove_stale_staging(scann_base) == 1
+  assert os.listdir(scann_base) == ["4"]
+
+
+def test_warmup_records_are_prediction_logs(tmp_path):
+  queries = {
+      "user_id": np.array([b"u1", b"u2"], object),
+      "seed_item_id": np.array([b"a", b""], object),
+      "history_item_ids": np.array([[b"a", b""], [b"", b""]], object),
+      "device": np.array([b"web", b""], object),
+      "country": np.array([b"de", b""], object),
+      "timestamp": np.array([1, 2], np.int64),
+  }
+  logs = list(warmup.warmup_logs("retrieval_exact", queries))
+  path = warmup.write_warmup(str(tmp_path), logs)
+  assert path.endswith("assets.extra/tf_serving_warmup_requests")
+  back = warmup.read_warmup(path)
+  assert back == logs
+  assert all(isinstance(log, prediction_log_pb2.PredictionLog) for log in back)
+  requests = [log.predict_log.request for log in back]
+  # Batch sizes 1, 8, 64 shrink to what there is: 1 and 2; then one embedding request.
+  assert [(r.model_spec.signature_name,
+           tf.make_ndarray(r.inputs["user_id"]).shape[0]) for r in requests] == [
+               ("serving_default", 1), ("serving_default", 2), ("query_embedding", 1)]
+  assert {r.model_spec.name for r in requests} == {"retrieval_exact"}
+  history = tf.make_ndarray(requests[1].inputs["history_item_ids"])
+  assert history.tolist() == [[b"a", b""], [b"", b""]]
+
+
+def test_example_models_config_parses_and_names_both_exports():
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples",
+                      "models.config")
+  with open(path) as f:
+    config = text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
+  models = {c.name: c for c in config.model_config_list.config}
+  assert set(models) == {export.SCANN_MODEL, export.EXACT_MODEL}
+  for name, model in models.items():
+    assert model.base_path.endswith(name)
+    assert model.model_platform == "tensorflow"
