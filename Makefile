@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 	$(PY) -m pipeline.demo --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf $(VENV) workdir *.egg-info

@@ -279,17 +279,22 @@ def parse_date(text: str) -> dt.date:
 
 
 def dead_letter(line: Union[bytes, str], source: str, line_number: int,
-                invalid: Invalid) -> dict[str, Any]:
-  """The dead-letter record of a rejected line: the line (cut if huge), where, and why."""
+                invalid: Invalid, line_bytes: Optional[int] = None) -> dict[str, Any]:
+  """The dead-letter record of a rejected line: the line (cut if huge), where, and why.
+
+  `line_bytes` is the line's true length when `line` is already a cut copy (a reader
+  that never holds a huge line whole).
+  """
   raw = line if isinstance(line, bytes) else line.encode("utf-8", "surrogateescape")
   kept = raw[:DEAD_LETTER_LINE_BYTES]
+  size = len(raw) if line_bytes is None else line_bytes
   return {
       "file": source,
       "line_number": line_number,
       "reason": invalid.reason,
       "detail": invalid.detail,
       "line": kept.decode("utf-8", "backslashreplace"),
-      "line_bytes": len(raw),
-      "line_truncated": len(kept) < len(raw),
+      "line_bytes": size,
+      "line_truncated": len(kept) < size,
   }
 

@@ -1,0 +1,115 @@
+r"""Next-day recall of the logQ corrections (issue 4, "Quality"), test-then-train.
+
+Protocol: the raw logs are made once (the synthetic world, or MovieLens converted
+by pipeline/movielens.py). For each `--corrections` entry, a fresh workdir runs
+the daily job over every day with that correction and otherwise the same config.
+Day D is scored by the export made after day D-1 (exact brute-force export and
+ScaNN export), over the full corpus of D; the popularity baseline ranks items by
+their interactions in the days before D. The table reports the mean over the
+scored days (all but the first) of recall@10/50/100, over all events and with the
+user's already-seen items excluded.
+
+  python bench/quality.py --dataset=synthetic --out=/tmp/quality
+  python bench/quality.py --dataset=movielens \
+      --movielens_dir=../shared/data/ml-latest-small --period_days=365 --out=/tmp/quality
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.config import ModelConfig  # noqa: E402
+from pipeline import app_flags  # noqa: E402
+from pipeline import daily  # noqa: E402
+from pipeline import movielens  # noqa: E402
+from pipeline import synthetic  # noqa: E402
+
+_DATASET = flags.DEFINE_enum("dataset", "synthetic", ["synthetic", "movielens"],
+                             "Which data to run on.")
+_MOVIELENS = flags.DEFINE_string("movielens_dir", None, "MovieLens directory.")
+_PERIOD = flags.DEFINE_integer("ml_period_days", 365, "MovieLens days per partition.")
+_SYN_DAYS = flags.DEFINE_integer("syn_days", 8, "Synthetic days.")
+_SYN_EVENTS = flags.DEFINE_integer("syn_events_per_day", 30000, "Synthetic events a day.")
+_CORRECTIONS = flags.DEFINE_list("corrections", ["streaming", "exact", "none"],
+                                 "Corrections to compare.")
+_OVERRIDES = flags.DEFINE_string("quality_config", "{}",
+                                 "JSON ModelConfig fields shared by every run.")
+
+MODES = ("all", "seen_excluded")
+METHODS = ("exact", "scann", "popularity")
+KS = ("10", "50", "100")
+
+
+def _raw_logs(out: str) -> tuple[str, dict[str, Any]]:
+  raw = os.path.join(out, "raw")
+  if _DATASET.value == "synthetic":
+    cfg = synthetic.WorldConfig(days=_SYN_DAYS.value, events_per_day=_SYN_EVENTS.value)
+    if not os.path.exists(os.path.join(raw, "logs")):
+      synthetic.generate(raw, cfg)
+    return raw, {"max_skew_s": 3600}
+  if not os.path.exists(os.path.join(raw, "logs")):
+    movielens.convert(_MOVIELENS.value, raw, period_days=_PERIOD.value)
+  return raw, {"max_skew_s": _PERIOD.value * 86400, "allow_missing_history": False}
+
+
+def _mean_recall(days: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  scored = [s["evaluate"]["recall"] for s in days.values()
+            if "recall" in s.get("evaluate", {})]
+  table: dict[str, Any] = {"scored_days": len(scored)}
+  for mode in MODES:
+    for method in METHODS:
+      for k in KS:
+        values = [r[mode][method][k] for r in scored if r[mode][method][k] is not None]
+        table[f"{mode}/{method}/{k}"] = sum(values) / len(values) if values else None
+  return table
+
+
+def main(argv: Sequence[str]) -> None:
+  out = app_flags.OUT.value or "/tmp/towerstream_quality"
+  out = os.path.join(out, _DATASET.value)
+  raw, beam_options = _raw_logs(out)
+  dates = sorted(os.listdir(os.path.join(raw, "logs")))
+  results = {}
+  for correction in _CORRECTIONS.value:
+    config = ModelConfig.from_dict({**json.loads(_OVERRIDES.value),
+                                    "correction": correction})
+    workdir = os.path.join(out, correction)
+    start = time.perf_counter()
+    days = daily.run(workdir, start_date=dates[0], end_date=dates[-1],
+                     skip_missing_days=True, logs=os.path.join(raw, "logs"),
+                     catalog=os.path.join(raw, "catalog"), config=config,
+                     beam_options=beam_options, pipeline_args=argv[1:])
+    results[correction] = {**_mean_recall(days),
+                           "seconds": round(time.perf_counter() - start, 1)}
+    print(correction, json.dumps(results[correction]), flush=True)
+  lines = [f"dataset: {_DATASET.value}, {len(dates)} partitions, config overrides "
+           f"{_OVERRIDES.value}",
+           "| model | R@10 | R@50 | R@100 | R@10 (seen excl.) | R@50 (seen excl.) | "
+           "R@100 (seen excl.) |", "|---|---|---|---|---|---|---|"]
+
+  def row(name: str, res: dict[str, Any], method: str) -> str:
+    cells = [res[f"{mode}/{method}/{k}"] for mode in MODES for k in KS]
+    return f"| {name} | " + " | ".join("-" if c is None else f"{c:.4f}" for c in cells) + " |"
+
+  for correction, res in results.items():
+    lines.append(row(f"{correction} (exact export)", res, "exact"))
+    lines.append(row(f"{correction} (ScaNN export)", res, "scann"))
+  lines.append(row("popularity", next(iter(results.values())), "popularity"))
+  text = "\n".join(lines)
+  print(text)
+  with open(os.path.join(out, "quality.json"), "w") as f:
+    json.dump({"results": results, "table": text,
+               "finished": dt.datetime.now().isoformat()}, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))

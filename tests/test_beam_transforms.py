@@ -1,0 +1,183 @@
+"""The day's named PTransforms one by one, on the DirectRunner's engine."""
+
+import datetime as dt
+import json
+import os
+
+import apache_beam as beam
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.testing.util import assert_that
+from apache_beam.testing.util import equal_to
+import pytest
+
+from pipeline import history
+from pipeline import io
+from pipeline import schema
+from pipeline import transforms
+
+DAY = dt.date(2024, 3, 10)
+START, _ = schema.day_bounds(DAY)
+
+
+def _pipeline():
+  return beam.Pipeline(runner=FnApiRunner())
+
+
+def _event(event_id, ts, user="u", item="i", seed=""):
+  return schema.Event(event_id=event_id, timestamp=ts, user_id=user, item_id=item,
+                      seed_item_id=seed)
+
+
+def test_parse_events_splits_lines_into_events_and_dead_letters():
+  lines = [
+      io.RawLine("f", 1, json.dumps({"event_id": "e", "ts": START, "user_id": "u",
+                                     "item_id": "i"}).encode(), 40),
+      io.RawLine("f", 2, b"{", 1),
+      io.RawLine("f", 3, b'{"event_id": "x"', 5_000_000),
+      io.RawLine("g", 9, json.dumps({"event_id": "e", "ts": START - 7200, "user_id": "u",
+                                     "item_id": "i"}).encode(), 40),
+  ]
+  with _pipeline() as p:
+    parsed = p | beam.Create(lines) | transforms.ParseEvents(DAY, max_skew_s=3600)
+    assert_that(parsed.events, equal_to([(_event("e", START), "f", 1)]), label="events")
+    assert_that(
+        parsed.dead_letters
+        | beam.Map(lambda d: (d["file"], d["line_number"], d["reason"], d["line_bytes"])),
+        equal_to([("f", 2, schema.MALFORMED_JSON, 1),
+                  ("f", 3, schema.LINE_TOO_LONG, 5_000_000),
+                  ("g", 9, schema.TIMESTAMP_OUT_OF_PARTITION, 40)]), label="dead")
+
+
+def test_dedupe_keeps_the_earliest_copy_whatever_the_arrival_order():
+  copies = [(_event("e", 50, item="late"), "a", 1), (_event("e", 10, item="first"), "b", 7),
+            (_event("e", 10, item="tie"), "b", 9), (_event("f", 5), "a", 2)]
+  with _pipeline() as p:
+    result = p | beam.Create(copies) | transforms.DedupeEvents()
+    assert_that(result.events, equal_to([_event("e", 10, item="first"), _event("f", 5)]),
+                label="events")
+    assert_that(result.sources, equal_to(["b", "a"]), label="sources")
+    assert_that(result.duplicates, equal_to(["a", "b"]), label="duplicates")
+
+
+def test_latest_catalog_line_wins_by_partition_then_file_then_line():
+  def entry(channel, path, line):
+    return schema.CatalogItem(item_id="i", channel_id=channel), path, line
+  entries = [entry("day2-z", "c/2024-01-02/z.jsonl", 9),
+             entry("day3-a-2", "c/2024-01-03/a.jsonl", 2),
+             entry("day3-a-1", "c/2024-01-03/a.jsonl", 1),
+             entry("day1", "c/2024-01-01/z.jsonl", 99)]
+  with _pipeline() as p:
+    corpus = p | beam.Create(entries) | transforms.LatestCatalog()
+    assert_that(corpus, equal_to([("i", schema.CatalogItem(item_id="i",
+                                                           channel_id="day3-a-2"))]))
+
+
+def test_join_gives_known_items_their_features_and_counts_unknown_ones():
+  known = schema.CatalogItem(item_id="k", channel_id="c", topics=("t",),
+                             topic_weights=(1.0,))
+  with _pipeline() as p:
+    events = p | "Events" >> beam.Create([_event("1", 1, item="k"), _event("2", 2, item="u"),
+                                          _event("3", 3, item="u")])
+    corpus = p | "Corpus" >> beam.Create([("k", known), ("other", known)])
+    joined = {"events": events, "corpus": corpus} | transforms.JoinCatalog()
+    unknown = schema.CatalogItem(item_id="u")
+    assert_that(joined.events, equal_to([
+        (_event("1", 1, item="k"), known), (_event("2", 2, item="u"), unknown),
+        (_event("3", 3, item="u"), unknown)]), label="events")
+    assert_that(joined.unknown_items, equal_to(["u", "u"]), label="unknown")
+
+
+def test_attach_histories_carries_state_cuts_it_and_derives_seeds():
+  item = schema.CatalogItem(item_id="x")
+  events = [(_event("b", 20, "u1", "i2"), item),
+            (_event("a", 20, "u1", "i1", seed="s"), item),   # same time: a first
+            (_event("c", 30, "u1", "i3"), item),
+            (_event("d", 5, "u2", "i9"), item)]
+  state = [("u1", ("old1", "old2")), ("u3", ("kept",))]
+  with _pipeline() as p:
+    result = ({"events": p | "Events" >> beam.Create(events),
+               history.STATE: p | "State" >> beam.Create(state)}
+              | history.AttachHistories(max_history=2))
+    assert_that(
+        result.events | beam.Map(lambda e: (e[0].event_id, e[2], e[3])),
+        equal_to([("a", ("old1", "old2"), "s"), ("b", ("i1", "old1"), "i1"),
+                  ("c", ("i2", "i1"), "i2"), ("d", (), "")]), label="events")
+    assert_that(result[history.STATE], equal_to([
+        ("u1", ("i3", "i2")), ("u2", ("i9",)), ("u3", ("kept",))]), label="state")
+    assert_that(result[history.USERS], equal_to(["u1", "u2"]), label="users")
+
+
+def test_encoded_cogroup_matches_beams_cogroup():
+  left = [("k", _event("1", 1)), ("k", _event("2", 2)), ("j", _event("3", 3))]
+  right = [("k", schema.CatalogItem(item_id="k")), ("z", schema.CatalogItem(item_id="z"))]
+  normal = lambda kv: (kv[0], {tag: sorted(v, key=repr) for tag, v in kv[1].items()})  # noqa
+  with _pipeline() as p:
+    inputs = {
+        "l": p | "L" >> beam.Create(left).with_output_types(tuple[str, schema.Event]),
+        "r": p | "R" >> beam.Create(right).with_output_types(
+            tuple[str, schema.CatalogItem])}
+    expected = [
+        ("k", {"l": [_event("1", 1), _event("2", 2)], "r": [schema.CatalogItem("k")]}),
+        ("j", {"l": [_event("3", 3)], "r": []}),
+        ("z", {"l": [], "r": [schema.CatalogItem("z")]})]
+    ours = inputs | "Ours" >> transforms.EncodedCoGroupByKey() | "N1" >> beam.Map(normal)
+    beams = inputs | "Beams" >> beam.CoGroupByKey() | "N2" >> beam.Map(normal)
+    assert_that(ours, equal_to(expected), label="ours")
+    assert_that(beams, equal_to(expected), label="beams")
+
+
+def test_event_coder_round_trips_without_pickling():
+  coder = transforms.EventCoder()
+  event = schema.Event("e", 1704067200, "u", "i", 0.25, "s", "ios", "US")
+  encoded = coder.encode(event)
+  assert coder.decode(encoded) == event
+  assert b"pipeline.schema" not in encoded and len(encoded) < 60
+
+
+def _counts(**by_file):
+  """((metric, file, detail), n) pairs from {metric: {(file, detail): n}}."""
+  return [((metric, file, detail), n) for metric, entries in by_file.items()
+          for (file, detail), n in entries.items()]
+
+
+def test_stats_hold_the_equation_and_refuse_a_lost_line():
+  good = _counts(lines={("a", ""): 5}, examples={("a", ""): 2},
+                 duplicates={("a", ""): 1}, dead_letters={("a", "malformed_json"): 2},
+                 written={("", "examples-00.tfrecord.gz"): 2,
+                          ("", "dead_letter-logs-00000-of-00001.jsonl"): 2})
+  stats = transforms.assemble_stats(good, {"day": "2024-03-10"})
+  assert stats["files"]["a"] == {"lines": 5, "examples": 2, "duplicates": 1,
+                                 "dead_letters": 2,
+                                 "dead_letters_by_reason": {"malformed_json": 2}}
+  assert stats["day"] == "2024-03-10" and stats["input_lines"] == 5
+
+  lost = [pair for pair in good if pair[0][0] != "duplicates"]
+  with pytest.raises(transforms.StatsMismatchError, match="a: lines != examples"):
+    transforms.assemble_stats(lost, {})
+  unwritten = [pair for pair in good if pair[0][2] != "examples-00.tfrecord.gz"]
+  with pytest.raises(transforms.StatsMismatchError, match="examples: counted 2 but wrote 0"):
+    transforms.assemble_stats(unwritten, {})
+
+
+def _touch(path):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  open(path, "w").close()
+
+
+def test_previous_state_skips_empty_days_but_not_days_with_data(tmp_path):
+  workdir, logs = str(tmp_path), f"{tmp_path}/logs"
+  day = dt.date(2024, 1, 10)
+  assert history.previous_state(workdir, day, logs) is None
+  _touch(f"{workdir}/state/history/2024-01-07/{history.SUMMARY_FILE}")
+  _touch(f"{logs}/2024-01-07/a.jsonl")
+  _touch(f"{logs}/2024-01-10/a.jsonl")
+  _touch(f"{logs}/2024-01-11/a.jsonl")
+  _touch(f"{logs}/2024-01-08/.hidden")           # not data
+  _touch(f"{workdir}/state/history/.tmp-2024-01-09-x/{history.SUMMARY_FILE}")  # not state
+  assert history.previous_state(workdir, day, logs) == history.state_dir(
+      workdir, dt.date(2024, 1, 7))
+  _touch(f"{workdir}/data/2024-01-09/stats.json")
+  with pytest.raises(history.MissingHistoryError, match="2024-01-09"):
+    history.previous_state(workdir, day, logs)
+  assert history.previous_state(workdir, day, logs, allow_missing=True) == (
+      history.state_dir(workdir, dt.date(2024, 1, 7)))

@@ -1,0 +1,340 @@
+"""The day's Beam job end to end on the DirectRunner's engine, on tiny hand-made logs."""
+
+import collections
+import datetime as dt
+import glob
+import gzip
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+from models import features
+from pipeline import history
+from pipeline import logs_to_tfrecords
+from pipeline import schema
+from pipeline import synthetic
+
+DAY = dt.date(2024, 3, 10)
+START, END = schema.day_bounds(DAY)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(path, lines):
+  """Writes lines (str or bytes) to path, gzip when it ends in .gz."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  data = b"".join((l if isinstance(l, bytes) else l.encode()) + b"\n" for l in lines)
+  if path.endswith(".gz"):
+    data = gzip.compress(data, mtime=0)
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+def _event(event_id, ts, user, item, **extra):
+  return json.dumps({"event_id": event_id, "ts": ts, "user_id": user, "item_id": item,
+                     **extra})
+
+
+def _records(pattern):
+  """(file name, record) for every record of the files matching `pattern`, in name order."""
+  out = []
+  for path in sorted(glob.glob(pattern)):
+    for record in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+      out.append((os.path.basename(path),
+                  features.from_example(tf.train.Example.FromString(record.numpy()))))
+  return out
+
+
+def _examples(workdir, day=DAY):
+  return _records(os.path.join(workdir, "data", day.isoformat(), "examples-*.tfrecord.gz"))
+
+
+def _tree(root):
+  """{relative path: bytes} of every file under root."""
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
+
+
+def _hand_made_day(workdir):
+  _write(f"{workdir}/catalog/2024-03-09/c.jsonl", [
+      json.dumps({"item_id": "i1", "channel_id": "c1", "topics": ["t1", "t2"],
+                  "topic_weights": [0.7, 0.3], "duration_s": 120}),
+      json.dumps({"item_id": "i2", "channel_id": "c2", "topics": ["t3"],
+                  "duration_s": 30.5}),
+      json.dumps({"item_id": "i3", "channel_id": "old", "topics": ["t9"]}),
+  ])
+  _write(f"{workdir}/catalog/2024-03-10/c.jsonl.gz", [
+      json.dumps({"item_id": "i3", "channel_id": "c3", "topics": []}),
+      json.dumps({"item_id": "i4", "channel_id": "c4", "topics": ["t4"]}),
+  ])
+  # A later partition: not part of the corpus of DAY.
+  _write(f"{workdir}/catalog/2024-03-11/c.jsonl", [
+      json.dumps({"item_id": "i5", "channel_id": "c5"}),
+      json.dumps({"item_id": "i1", "channel_id": "changed"}),
+  ])
+  _write(f"{workdir}/logs/2024-03-10/a.jsonl.gz", [
+      _event("e1", START + 10, "u1", "i1", reward=0.5, device="ios", country="US"),
+      _event("e3", "2024-03-10T05:00:00Z", "u1", "i2", seed_item_id="i9"),
+      _event("e4", (START + 7200) * 1000, "u2", "i5"),
+  ])
+  _write(f"{workdir}/logs/2024-03-10/b.jsonl", [
+      _event("e2", START + 20, "u1", "i3"),
+      _event("e5", START - 600, "u2", "i1", device="web"),
+      _event("e6", END + 100, "u1", "i4", reward=0),
+  ])
+
+
+def test_hand_made_day_gives_exact_features_corpus_and_stats(tmp_path):
+  workdir = str(tmp_path)
+  _hand_made_day(workdir)
+  stats = logs_to_tfrecords.run_day(DAY, workdir)
+
+  i1 = {"item_id": "i1", "item_channel_id": "c1", "item_topics": ["t1", "t2"],
+        "item_topic_weights": [pytest.approx(0.7), pytest.approx(0.3)],
+        "item_duration_s": 120.0}
+  i2 = {"item_id": "i2", "item_channel_id": "c2", "item_topics": ["t3"],
+        "item_topic_weights": [1.0], "item_duration_s": 30.5}
+  i3 = {"item_id": "i3", "item_channel_id": "c3", "item_topics": [],
+        "item_topic_weights": [], "item_duration_s": 0.0}
+  i4 = {"item_id": "i4", "item_channel_id": "c4", "item_topics": ["t4"],
+        "item_topic_weights": [1.0], "item_duration_s": 0.0}
+  unknown_i5 = {"item_id": "i5", "item_channel_id": "", "item_topics": [],
+                "item_topic_weights": [], "item_duration_s": 0.0}
+
+  def query(event_id, ts, user, seed, hist, reward=1.0, device="", country=""):
+    return {"event_id": event_id, "timestamp": ts, "user_id": user, "device": device,
+            "country": country, "seed_item_id": seed, "history_item_ids": hist,
+            "reward": reward}
+
+  expected = [
+      ("examples-00.tfrecord.gz", {**query("e5", START - 600, "u2", "", [], device="web"),
+                                   **i1}),
+      ("examples-00.tfrecord.gz", {**query("e1", START + 10, "u1", "", [], 0.5, "ios", "US"),
+                                   **i1}),
+      ("examples-00.tfrecord.gz", {**query("e2", START + 20, "u1", "i1", ["i1"]), **i3}),
+      ("examples-02.tfrecord.gz", {**query("e4", START + 7200, "u2", "i1", ["i1"]),
+                                   **unknown_i5}),
+      ("examples-05.tfrecord.gz", {**query("e3", START + 5 * 3600, "u1", "i9",
+                                           ["i3", "i1"]), **i2}),
+      ("examples-23.tfrecord.gz", {**query("e6", END + 100, "u1", "i2", ["i2", "i3", "i1"],
+                                           0.0), **i4}),
+  ]
+  assert _examples(workdir) == expected
+
+  corpus = [record for _, record in _records(
+      os.path.join(workdir, "data", DAY.isoformat(), "corpus-*.tfrecord.gz"))]
+  assert sorted(corpus, key=lambda r: r["item_id"]) == [i1, i2, i3, i4]
+
+  assert history.load_histories(workdir, DAY) == {"u1": ["i4", "i2", "i3", "i1"],
+                                                  "u2": ["i5", "i1"]}
+  assert (stats["input_lines"], stats["examples"], stats["duplicates"],
+          stats["dead_letters"]) == (6, 6, 0, 0)
+  assert (stats["unknown_item_events"], stats["corpus_items"], stats["users"],
+          stats["history_users"]) == (1, 4, 2, 2)
+  assert stats["catalog"]["lines"] == 5 and stats["catalog"]["superseded"] == 1
+  assert sorted(os.path.basename(f) for f in stats["catalog"]["files"]) == [
+      "c.jsonl", "c.jsonl.gz"]
+  a, b = (f"{workdir}/logs/2024-03-10/{name}" for name in ("a.jsonl.gz", "b.jsonl"))
+  assert stats["files"][a]["lines"] == 3 and stats["files"][b]["examples"] == 3
+  assert sum(stats["examples_by_file"].values()) == 6 and len(stats["examples_by_file"]) == 24
+  with open(os.path.join(workdir, "data", DAY.isoformat(), "stats.json")) as f:
+    assert json.load(f) == stats
+
+
+def test_histories_are_carried_across_days_and_required(tmp_path):
+  workdir = str(tmp_path)
+  day1, day2 = DAY, DAY + dt.timedelta(days=1)
+  start2, _ = schema.day_bounds(day2)
+  _write(f"{workdir}/logs/{day1}/a.jsonl", [
+      _event("a1", START + 1, "u1", "i1"), _event("a2", START + 2, "u1", "i2"),
+      _event("a3", START + 3, "u2", "i9")])
+  _write(f"{workdir}/logs/{day2}/a.jsonl", [
+      _event("b1", start2 + 1, "u1", "i3"), _event("b2", start2 + 2, "u1", "i4"),
+      _event("b3", start2 + 3, "u1", "i5")])
+
+  with pytest.raises(history.MissingHistoryError, match=str(day1)):
+    logs_to_tfrecords.run_day(day2, workdir, max_history=3)
+
+  logs_to_tfrecords.run_day(day1, workdir, max_history=3)
+  stats = logs_to_tfrecords.run_day(day2, workdir, max_history=3)
+
+  day2_examples = [(r["event_id"], r["history_item_ids"], r["seed_item_id"])
+                   for _, r in _examples(workdir, day2)]
+  assert day2_examples == [("b1", ["i2", "i1"], "i2"),
+                           ("b2", ["i3", "i2", "i1"], "i3"),
+                           ("b3", ["i4", "i3", "i2"], "i4")]
+  assert history.load_histories(workdir, day2) == {"u1": ["i5", "i4", "i3"],
+                                                   "u2": ["i9"]}
+  assert stats["previous_history_state"] == history.state_dir(workdir, day1)
+  assert (stats["users"], stats["history_users"]) == (1, 2)
+
+
+def test_missing_history_can_be_allowed(tmp_path):
+  workdir = str(tmp_path)
+  day0 = DAY - dt.timedelta(days=1)
+  _write(f"{workdir}/logs/{day0}/a.jsonl", [_event("z", START - 5000, "u1", "i0")])
+  _write(f"{workdir}/logs/{DAY}/a.jsonl", [_event("a", START + 1, "u1", "i1")])
+  stats = logs_to_tfrecords.run_day(DAY, workdir, allow_missing_history=True)
+  assert [r["history_item_ids"] for _, r in _examples(workdir)] == [[]]
+  assert stats["previous_history_state"] is None
+
+
+def test_dedupe_keeps_the_earliest_copy_and_output_is_in_time_order(tmp_path):
+  workdir = str(tmp_path)
+  rng = random.Random(5)
+  files = {name: [] for name in ("a.jsonl", "b.jsonl.gz", "c.jsonl")}
+  expected, origin = {}, {}
+  for k in range(150):
+    ts = START + rng.choice([0, 59, 3599, 3600, 7000, 40000, 86399])  # many ties
+    user = f"u{rng.randrange(5)}"
+    origin[k] = rng.choice(list(files))
+    files[origin[k]].append(_event(f"e{k:03d}", ts, user, f"i{k % 7}", reward=1.0))
+    expected[f"e{k:03d}"] = ts
+  # Copies of e000..e009: a later copy (dropped), and for e000..e004 an earlier one
+  # in another file (kept: its reward tells them apart).
+  for k in range(10):
+    event_id = f"e{k:03d}"
+    files["c.jsonl"].append(_event(event_id, expected[event_id] + 30, "u9", "late",
+                                   reward=3.0))
+    if k < 5:
+      files["a.jsonl"].append(_event(event_id, expected[event_id] - 30, "u9", "early",
+                                     reward=2.0))
+      expected[event_id] -= 30
+  for name, lines in files.items():
+    _write(f"{workdir}/logs/{DAY}/{name}", lines)
+
+  stats = logs_to_tfrecords.run_day(DAY, workdir)
+  records = [r for _, r in _examples(workdir)]
+  order = [(r["timestamp"], r["event_id"]) for r in records]
+  assert order == sorted(order) and len(set(order)) == len(order)
+  assert {r["event_id"]: r["timestamp"] for r in records} == expected
+  rewards = {r["event_id"]: r["reward"] for r in records}
+  assert [rewards[f"e{k:03d}"] for k in range(10)] == [2.0] * 5 + [1.0] * 5
+  assert stats["duplicates"] == 15 and stats["examples"] == 150
+  dropped = collections.Counter(["c.jsonl"] * 10 + [origin[k] for k in range(5)])
+  assert {os.path.basename(f): e["duplicates"] for f, e in stats["files"].items()} == {
+      name: dropped[name] for name in files}
+
+
+def _reference(paths, day):
+  """Independent expectations: what each line should become, by plain Python."""
+  reasons, seen, duplicates = collections.Counter(), set(), 0
+  for path in paths:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+      data = f.read()
+    for line in data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n"):
+      result = schema.validate_event(line, day)
+      if isinstance(result, schema.Invalid):
+        reasons[result.reason] += 1
+      elif result.event_id in seen:
+        duplicates += 1
+      else:
+        seen.add(result.event_id)
+  return reasons, len(seen), duplicates
+
+
+def test_fuzzed_day_produces_every_reason_and_loses_no_line(tmp_path):
+  workdir = str(tmp_path)
+  synthetic.generate(workdir, synthetic.WorldConfig(
+      start_date=DAY, days=1, users=40, items=80, new_items_per_day=5,
+      events_per_day=2000, shards=2, bad_line_rate=0.05, seed=3))
+  huge = b'{"event_id":"' + b"x" * (10 << 20) + b'","user_id":"u","item_id":"i","ts":1}'
+  nasty = [
+      b"\xff\xfe\x00\x81binary\x00garbage\xc3",                       # bad_encoding
+      b"\x00\x01\x02 binary but utf-8",                               # malformed_json
+      b"",                                                            # malformed_json
+      huge,                                                           # line_too_long
+      b"[1, 2, 3]",                                                   # not_an_object
+      _event("", START, "u", "i").encode(),                           # empty_id
+      _event(7, START, "u", "i").encode(),                            # wrong_type
+      _event("n1", START, "u", "i", reward="high").encode(),          # wrong_type
+      _event("n2", START, "u", "i", reward=float("inf")).encode(),    # non_finite_reward
+      _event("n3", [START], "u", "i").encode(),                       # bad_timestamp
+      _event("n4", START + 5, "u", "i").encode() + b"\r",             # valid (CRLF)
+  ]
+  nasty_path = f"{workdir}/logs/{DAY}/zz-nasty.jsonl"
+  _write(nasty_path, nasty)
+  paths = sorted(glob.glob(f"{workdir}/logs/{DAY}/*"))
+
+  stats = logs_to_tfrecords.run_day(DAY, workdir)
+
+  reasons, examples, duplicates = _reference(paths, DAY)
+  assert set(stats["dead_letters_by_reason"]) == set(schema.EVENT_REASONS)
+  assert stats["dead_letters_by_reason"] == dict(reasons)
+  assert (stats["examples"], stats["duplicates"]) == (examples, duplicates)
+  assert duplicates > 0
+  assert stats["input_lines"] == stats["examples"] + stats["duplicates"] + stats["dead_letters"]
+  for path in paths:
+    entry = stats["files"][path]
+    assert entry["lines"] == entry["examples"] + entry["duplicates"] + entry["dead_letters"]
+  assert stats["files"][nasty_path]["lines"] == len(nasty)
+  assert len(_examples(workdir)) == examples
+
+  with open(f"{workdir}/data/{DAY}/dead_letter-logs-00000-of-00001.jsonl") as f:
+    dead = [json.loads(line) for line in f]
+  assert len(dead) == stats["dead_letters"]
+  assert [(d["file"], d["line_number"]) for d in dead] == sorted(
+      (d["file"], d["line_number"]) for d in dead)
+  by_line = {d["line_number"]: d for d in dead if d["file"] == nasty_path}
+  assert by_line[4]["reason"] == schema.LINE_TOO_LONG
+  assert by_line[4]["line_bytes"] == len(huge) and by_line[4]["line_truncated"]
+  assert len(by_line[4]["line"]) == schema.DEAD_LETTER_LINE_BYTES
+  assert by_line[1]["reason"] == schema.BAD_ENCODING
+  assert sorted(by_line) == list(range(1, 11))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_a_damaged_gzip_fails_the_day_naming_the_file(tmp_path, damage):
+  workdir = str(tmp_path)
+  lines = [_event(f"e{k}", START + k, "u", "i") for k in range(3000)]
+  _write(f"{workdir}/logs/{DAY}/good.jsonl.gz", lines[:10])
+  bad = f"{workdir}/logs/{DAY}/bad.jsonl.gz"
+  _write(bad, lines)
+  with open(bad, "rb") as f:
+    data = bytearray(f.read())
+  if damage == "corrupt":
+    data[len(data) // 2: len(data) // 2 + 16] = b"\x00" * 16
+  else:
+    data = data[: len(data) * 2 // 3]
+  with open(bad, "wb") as f:
+    f.write(bytes(data))
+
+  with pytest.raises(Exception, match=re.escape(f"cannot read {bad}")):
+    logs_to_tfrecords.run_day(DAY, workdir)
+  assert not os.path.exists(f"{workdir}/data/{DAY}")
+  assert not glob.glob(f"{workdir}/data/.*") and not glob.glob(f"{workdir}/state/history/.*")
+
+
+def test_a_rerun_gives_the_same_bytes_and_clears_a_crashed_attempt(tmp_path):
+  workdir = str(tmp_path)
+  _hand_made_day(workdir)
+  # A day before, so that the run also reads and carries history state.
+  _write(f"{workdir}/logs/{DAY - dt.timedelta(days=1)}/a.jsonl",
+         [_event("y1", START - 9000, "u1", "i7"), _event("y2", START - 8000, "u3", "i8")])
+  logs_to_tfrecords.run_day(DAY - dt.timedelta(days=1), workdir)
+  logs_to_tfrecords.run_day(DAY, workdir)
+  first = {kind: _tree(f"{workdir}/{kind}/{DAY}") for kind in ("data", "state/history")}
+  crashed = f"{workdir}/data/.tmp-{DAY}-0123456789ab"
+  _write(f"{crashed}/examples-00.tfrecord.gz", [b"half written"])
+
+  # The re-run goes through the absl app, with Beam options passed through.
+  subprocess.run(
+      [sys.executable, "-m", "pipeline.logs_to_tfrecords", f"--workdir={workdir}",
+       f"--date={DAY}", "--direct_num_workers=2",
+       "--direct_running_mode=multi_processing"],
+      cwd=REPO, check=True, capture_output=True)
+  second = {kind: _tree(f"{workdir}/{kind}/{DAY}") for kind in ("data", "state/history")}
+  assert second == first
+  assert not os.path.exists(crashed)
+  assert history.load_histories(workdir, DAY)["u3"] == ["i8"]
