@@ -153,3 +153,11 @@ def test_missing_day_and_dead_letter_rate_fail_clearly(workdir, tmp_path):
   assert proc.returncode == 2
   assert "exceeds --max_dead_letter_rate=0.05" in proc.stderr
   assert os.path.join(bad, "data", "2024-01-01", "stats.json") in proc.stderr
+
+
+def test_airflow_example_is_valid_python_calling_the_daily_job():
+  path = os.path.join(ROOT, "examples", "airflow_dag.py")
+  with open(path) as f:
+    source = f.read()
+  compile(source, path, "exec")
+  assert "-m pipeline.daily" in source and "--date={{{{ ds }}}}" in source
