@@ -19,6 +19,8 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from models import trainer
+from models.config import ModelConfig
 from pipeline import app_flags
 from pipeline import daily
 from pipeline import report
@@ -35,8 +37,11 @@ def main(argv: Sequence[str]) -> None:
   start = time.perf_counter()
   synthetic.generate(workdir, cfg)
   last = cfg.start_date + dt.timedelta(days=cfg.days - 1)
+  # Smaller batches than the production default suit a world of 30k events a day:
+  # more steps per day (bench/quality.py measured batch 256 best here).
+  config = trainer.config_from_flags(workdir) or ModelConfig(batch_size=256)
   days = daily.run(workdir, start_date=cfg.start_date.isoformat(),
-                   end_date=last.isoformat(), pipeline_args=argv[1:])
+                   end_date=last.isoformat(), pipeline_args=argv[1:], config=config)
   print()
   print(report.table(days))
   print()

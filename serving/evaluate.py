@@ -70,6 +70,21 @@ def eval_dir(workdir: str, day: datetime.date) -> str:
   return os.path.join(workdir, "eval", day.isoformat())
 
 
+# (user_id, item_id) lists of a day's example files, keyed by the files' paths,
+# sizes and mtimes: a catch-up parses each earlier day once, not once a day after.
+_INTERACTIONS: dict[tuple[tuple[str, int, int], ...], tuple[list[bytes], list[bytes]]] = {}
+
+
+def day_interactions(files: Sequence[str]) -> tuple[list[bytes], list[bytes]]:
+  """(user ids, item ids) of every record of a day's example files, cached."""
+  key = tuple((path, stat.length, stat.mtime_nsec)
+              for path, stat in ((p, tf.io.gfile.stat(p)) for p in files))
+  if key not in _INTERACTIONS:
+    events = records.read_columns(files, ("user_id", "item_id"))
+    _INTERACTIONS[key] = (events["user_id"].tolist(), events["item_id"].tolist())
+  return _INTERACTIONS[key]
+
+
 def training_interactions(workdir: str, day: datetime.date
                           ) -> tuple[collections.Counter, dict[bytes, set[bytes]], list[str]]:
   """Item counts and each user's items over the examples of every data day before D."""
@@ -79,10 +94,9 @@ def training_interactions(workdir: str, day: datetime.date
   for earlier in records.data_days(workdir):
     if earlier >= day:
       break
-    events = records.read_columns(data.example_files(workdir, earlier),
-                                  ("user_id", "item_id"))
-    counts.update(events["item_id"].tolist())
-    for user, item in zip(events["user_id"].tolist(), events["item_id"].tolist()):
+    users, items = day_interactions(data.example_files(workdir, earlier))
+    counts.update(items)
+    for user, item in zip(users, items):
       seen[user].add(item)
     used.append(earlier.isoformat())
   return counts, seen, used
@@ -200,7 +214,7 @@ def evaluate_day(workdir: str, day: datetime.date, scann_dir: Optional[str],
              if path}
   if not exports:
     raise ValueError("evaluate_day needs at least one export directory")
-  loaded = {name: tf.saved_model.load(path) for name, path in exports.items()}
+  loaded = {name: export_lib.load_export(path) for name, path in exports.items()}
   meta = {name: export_lib.read_metadata(path) for name, path in exports.items()}
   max_history = next(iter(meta.values()))["config"]["max_history"]
   reference = "exact" if "exact" in loaded else "scann"

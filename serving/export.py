@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import time
+import weakref
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
@@ -106,9 +107,18 @@ def read_corpus(pattern: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   return corpus["item_id"], corpus
 
 
+# A tf.function per tower, so that a catch-up traces each tower once, not daily.
+_EMBEDDERS: weakref.WeakKeyDictionary[tf.keras.Model, tf.types.experimental.GenericFunction] = (
+    weakref.WeakKeyDictionary())
+
+
 def embed(tower: tf.keras.Model, inputs: dict[str, np.ndarray]) -> np.ndarray:
   """Runs a tower over a feature dict in batches; returns float32 [n, d]."""
-  run = tf.function(lambda batch: tower(batch, training=False), reduce_retracing=True)
+  run = _EMBEDDERS.get(tower)
+  if run is None:
+    ref = weakref.ref(tower)  # A strong one would keep the key alive.
+    run = tf.function(lambda batch: ref()(batch, training=False), reduce_retracing=True)
+    _EMBEDDERS[tower] = run
   num = len(next(iter(inputs.values())))
   out = [run({k: tf.constant(v[i:i + _EMBED_BATCH]) for k, v in inputs.items()}).numpy()
          for i in range(0, num, _EMBED_BATCH)]
@@ -183,9 +193,24 @@ def read_metadata(export_dir: str) -> dict[str, Any]:
     return json.load(f)
 
 
+# The newest published exports as `_verify` loaded them, by absolute path: the next
+# day's evaluation scores exactly these, so a catch-up does not load them twice.
+_LOADED: dict[str, tf.Module] = {}
+
+
+def load_export(export_dir: str) -> tf.Module:
+  """The SavedModel at `export_dir` (tf.saved_model.load; the newest from memory)."""
+  loaded = _LOADED.get(os.path.abspath(export_dir))
+  return loaded if loaded is not None else tf.saved_model.load(export_dir)
+
+
 def _verify(export_dir: str, logs: list[prediction_log_pb2.PredictionLog],
-            k: int) -> None:
-  """Loads the written SavedModel and replays its warm-up requests; raises if wrong."""
+            k: int) -> tf.Module:
+  """Loads the written SavedModel and replays its warm-up requests; raises if wrong.
+
+  Returns:
+    The loaded SavedModel.
+  """
   loaded = tf.saved_model.load(export_dir)
   for log, out in zip(logs, warmup.replay(loaded, logs)):
     request = log.predict_log.request
@@ -194,6 +219,7 @@ def _verify(export_dir: str, logs: list[prediction_log_pb2.PredictionLog],
       if out["item_ids"].shape != (batch, k) or out["scores"].shape != (batch, k):
         raise RuntimeError(f"{export_dir}: serving_default answered "
                            f"{out['item_ids'].shape} for a batch of {batch}, k={k}")
+  return loaded
 
 
 def export_day(model: tf.keras.Model, config: ModelConfig, workdir: str,
@@ -270,6 +296,7 @@ def export_day(model: tf.keras.Model, config: ModelConfig, workdir: str,
 
   staged = {}
   metadata = {}
+  loaded = {}
   for name, retriever in retrievers.items():
     tf.io.gfile.makedirs(bases[name])
     staged[name] = versions.staging_dir(bases[name], version)
@@ -280,10 +307,12 @@ def export_day(model: tf.keras.Model, config: ModelConfig, workdir: str,
                       "search": "scann" if name == SCANN_MODEL else "exact",
                       "needs_scann_ops": name == SCANN_MODEL}
     _write_metadata(staged[name], metadata[name])
-    _verify(staged[name], logs, retriever.k)
+    loaded[name] = _verify(staged[name], logs, retriever.k)
   # Exact last: a published exact version means its ScaNN twin is there too.
   published = {name: versions.publish(staged[name], bases[name], version)
                for name in (SCANN_MODEL, EXACT_MODEL)}
+  _LOADED.clear()
+  _LOADED.update({os.path.abspath(published[name]): loaded[name] for name in published})
   logging.info("published version %d of %s in %.1fs (ANN recall@10 %.4f)", version,
                sorted(published), time.perf_counter() - started, ann["recall_at_10"])
   return {"version": version, "scann_dir": published[SCANN_MODEL],

@@ -27,6 +27,7 @@ import os
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
+import dataclasses  # noqa: E402
 from typing import Mapping, Optional  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
@@ -62,8 +63,29 @@ def _check_batch(features: Mapping[str, tf.Tensor]) -> list[tf.Operation]:
   ]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Towers:
+  """The Keras towers, held outside the tracked object graph (see Retriever)."""
+  query: tf.keras.Model
+  candidate: tf.keras.Model
+
+
+def _state(*models: tf.keras.Model) -> list[object]:
+  """The variables and resources (e.g. lookup tables) of `models`, each once."""
+  found = {}
+  for model in models:
+    for obj in tf.train.TrackableView(model).descendants():
+      if isinstance(obj, (tf.Variable, tf.saved_model.experimental.TrackableResource)):
+        found[id(obj)] = obj
+  return list(found.values())
+
+
 class Retriever(tf.Module):
   """Query tower + a search over the item embeddings; subclasses choose the search.
+
+  The SavedModel tracks the towers' variables and resources, not the Keras models:
+  saving a tracked Keras model also traces and writes every layer's Keras call
+  functions, seconds per export that no signature uses.
 
   Attributes:
     query_tower, candidate_tower: the trained towers (Keras models).
@@ -79,8 +101,8 @@ class Retriever(tf.Module):
     super().__init__(name=name)
     if not 1 <= k <= max_k:
       raise ValueError(f"need 1 <= k <= max_k, got k={k}, max_k={max_k}")
-    self.query_tower = query_tower
-    self.candidate_tower = candidate_tower
+    self._towers = _Towers(query_tower, candidate_tower)
+    self.tower_state = _state(query_tower, candidate_tower)
     self.item_ids = tf.Variable(item_ids, trainable=False, name="item_ids")
     self.item_embeddings = tf.Variable(item_embeddings, trainable=False,
                                        name="item_embeddings")
@@ -88,6 +110,14 @@ class Retriever(tf.Module):
     self.max_k = max_k
     self._temperature = float(temperature)
     self._max_history = max_history
+
+  @property
+  def query_tower(self) -> tf.keras.Model:
+    return self._towers.query
+
+  @property
+  def candidate_tower(self) -> tf.keras.Model:
+    return self._towers.candidate
 
   @property
   def num_items(self) -> int:

@@ -240,3 +240,14 @@ def test_evaluate_cli_defaults_to_exports_from_before_the_day(hand_world, tmp_pa
        f"--date={P1.isoformat()}"], env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert "no export from a day before" in result.stderr
+
+
+def test_day_interactions_are_cached_until_the_files_change(tmp_path):
+  path = str(tmp_path / "examples-00.tfrecord.gz")
+  tl.write_records(path, [tl.event_row("e1", "u1", "a"), tl.event_row("e2", "u2", "b")])
+  assert evaluate.day_interactions([path]) == ([b"u1", b"u2"], [b"a", b"b"])
+  assert evaluate.day_interactions([path]) is evaluate.day_interactions([path])
+  os.remove(path)  # A forced re-run rewrites the day: the cache must not answer.
+  tl.write_records(path, [tl.event_row("e3", "u3", "c")])
+  os.utime(path, ns=(1, 1))
+  assert evaluate.day_interactions([path]) == ([b"u3"], [b"c"])

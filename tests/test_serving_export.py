@@ -270,6 +270,12 @@ def test_versions_grow_and_a_failed_export_publishes_nothing(planted):
   assert [versions.list_versions(b) for b in bases] == [[1, 2], [1, 2]]
   assert not os.path.exists(stale)
   assert sorted(os.listdir(bases[0])) == ["1", "2"]
+  # The newest versions stay loaded for the next day's evaluation; older ones load.
+  newest = export.load_export(second["exact_dir"])
+  assert newest is export.load_export(second["exact_dir"])
+  older = export.load_export(os.path.join(bases[1], "1"))
+  assert older is not export.load_export(os.path.join(bases[1], "1"))
+  np.testing.assert_array_equal(newest.item_ids.numpy(), older.item_ids.numpy())
 
 
 def test_bad_corpus_is_named(tmp_path):
