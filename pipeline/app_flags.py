@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Optional
 
+from absl import app
 from absl import flags
 
 WORKDIR = flags.DEFINE_string("workdir", None, "Working directory (see README: layout).")
@@ -22,6 +23,13 @@ LOGS = flags.DEFINE_string("logs", None, "Root of logs/YYYY-MM-DD/ (default W/lo
 CATALOG = flags.DEFINE_string("catalog", None, "Root of catalog/YYYY-MM-DD/ "
                               "(default W/catalog); any Beam filesystem path.")
 OUT = flags.DEFINE_string("out", None, "Output root of generated logs/ and catalog/.")
+
+
+def workdir() -> str:
+  """The --workdir value, or a usage error when it is missing."""
+  if not WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  return WORKDIR.value
 
 
 def parse_day(text: Optional[str], flag: str = "date") -> dt.date:

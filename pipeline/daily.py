@@ -237,9 +237,7 @@ def run(workdir: str, date: Optional[str] = None, start_date: Optional[str] = No
 
 
 def main(argv: Sequence[str]) -> None:
-  workdir = app_flags.WORKDIR.value
-  if not workdir:
-    raise app.UsageError("--workdir is required")
+  workdir = app_flags.workdir()
   try:
     days = run(workdir, app_flags.DATE.value, app_flags.START_DATE.value,
                app_flags.END_DATE.value, skip_missing_days=_SKIP_MISSING.value,

@@ -258,10 +258,8 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> None:
-  if not app_flags.WORKDIR.value:
-    raise app.UsageError("--workdir is required")
   stats = run_day(
-      app_flags.parse_day(app_flags.DATE.value), app_flags.WORKDIR.value,
+      app_flags.parse_day(app_flags.DATE.value), app_flags.workdir(),
       logs=app_flags.LOGS.value, catalog=app_flags.CATALOG.value,
       pipeline_args=list(argv[1:]),
       allow_missing_history=_ALLOW_MISSING_HISTORY.value, max_skew_s=_MAX_SKEW_S.value,

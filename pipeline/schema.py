@@ -12,7 +12,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
 MAX_ID_BYTES = 256
 # Lines longer than this are dead-lettered without being parsed, and the copy kept

@@ -298,9 +298,7 @@ def evaluate_day(workdir: str, day: datetime.date, scann_dir: Optional[str],
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  workdir = app_flags.WORKDIR.value
-  if not workdir:
-    raise app.UsageError("--workdir is required")
+  workdir = app_flags.workdir()
   day = app_flags.parse_day(app_flags.DATE.value)
   scann_dir = _SCANN_EXPORT.value or _default_export(workdir, export_lib.SCANN_MODEL, day)
   exact_dir = _EXACT_EXPORT.value or _default_export(workdir, export_lib.EXACT_MODEL, day)

@@ -323,9 +323,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from models import trainer  # pylint: disable=g-import-not-at-top  (the CLI's only user)
-  workdir = app_flags.WORKDIR.value
-  if not workdir:
-    raise app.UsageError("--workdir is required")
+  workdir = app_flags.workdir()
   day = app_flags.parse_day(app_flags.DATE.value)
   model = trainer.load_model(workdir)
   result = export_day(model, model.config, workdir, day, corpus_glob=_CORPUS_GLOB.value,
