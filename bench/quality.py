@@ -11,7 +11,8 @@ user's already-seen items excluded.
 
   python bench/quality.py --dataset=synthetic --out=/tmp/quality
   python bench/quality.py --dataset=movielens \
-      --movielens_dir=../shared/data/ml-latest-small --period_days=365 --out=/tmp/quality
+      --movielens_dir=../shared/data/ml-latest-small --ml_period_days=365 \
+      --quality_config='{"batch_size": 128}' --out=/tmp/quality
 """
 
 from __future__ import annotations

@@ -83,12 +83,14 @@ def training_batches(files: Sequence[str], batch_size: int, skip: int = 0,
     seed: window-shuffle seed.
 
   Returns:
-    A dataset of feature dicts in the dense form of models/features.py.
+    A dataset of dicts of features.TRAINING_FEATURES in the dense form of
+    models/features.py.
   """
   records = serialized_examples(files, shuffle_buffer, seed)
   if skip:
     records = records.skip(skip)
   return (records.batch(batch_size)
-          .map(lambda s: features.parse_examples(s, max_history=max_history),
+          .map(lambda s: features.parse_examples(s, features.TRAINING_FEATURES,
+                                                 max_history=max_history),
                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
           .prefetch(tf.data.AUTOTUNE))

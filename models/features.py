@@ -41,6 +41,8 @@ QUERY_FEATURES = ("user_id", "seed_item_id", "history_item_ids", "device", "coun
                   "timestamp")
 CANDIDATE_FEATURES = ("item_id", "item_channel_id", "item_topics", "item_topic_weights",
                       "item_duration_s")
+# What a training step reads: the towers' inputs and the reward (not event_id).
+TRAINING_FEATURES = QUERY_FEATURES + CANDIDATE_FEATURES + ("reward",)
 MAX_HISTORY = 50
 
 

@@ -78,7 +78,8 @@ class DivergenceError(FloatingPointError):
 
 def _dummy_batch() -> dict[str, tf.Tensor]:
   """One all-default example: builds every tower variable before a restore."""
-  return features.parse_examples(tf.constant([features.to_example({}).SerializeToString()]))
+  return features.parse_examples(tf.constant([features.to_example({}).SerializeToString()]),
+                                 features.TRAINING_FEATURES)
 
 
 def resolve_config(workdir: str, config: Optional[ModelConfig]) -> ModelConfig:

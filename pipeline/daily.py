@@ -228,9 +228,11 @@ def run(workdir: str, date: Optional[str] = None, start_date: Optional[str] = No
     job = DailyJob(workdir, **job_options)
     days, missing = days_to_run(date, start_date, end_date, log_partitions(job.logs),
                                 skip_missing_days)
-    for day in missing:
-      logging.warning("%s skipped: no log partition under %s", day, job.logs)
-      job.manifest.mark(day, "skipped", {"reason": f"no log partition under {job.logs}"})
+    if missing:
+      reason = f"no log partition under {job.logs}"
+      logging.warning("skipping %d of %d days (%s .. %s): %s", len(missing),
+                      len(missing) + len(days), missing[0], missing[-1], reason)
+      job.manifest.mark_all(missing, "skipped", {"reason": reason})
     for day in days:
       job.run_day(day)
     return job.manifest.days()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 
 class Manifest:
@@ -26,6 +26,12 @@ class Manifest:
 
   def mark(self, day: dt.date, step: str, record: dict[str, Any]) -> None:
     self._days.setdefault(day.isoformat(), {})[step] = record
+    self._write()
+
+  def mark_all(self, days: Sequence[dt.date], step: str, record: dict[str, Any]) -> None:
+    """`mark` for many days at once, with one write (a catch-up's skipped days)."""
+    for day in days:
+      self._days.setdefault(day.isoformat(), {})[step] = dict(record)
     self._write()
 
   def clear(self, day: dt.date) -> None:

@@ -92,10 +92,18 @@ def table(days: dict[str, dict[str, Any]]) -> str:
   header = (f"{'day':<11} {'examples':>8} {'loss':>7}  "
             + "  ".join(f"{m[:5]}@{k:<3}" for m in METHODS for k in KS))
   lines = [header, "-" * len(header)]
+  skipped: list[str] = []  # the current run of consecutive skipped days
   for day, steps in sorted(days.items()):
     if "skipped" in steps and "beam" not in steps:
-      lines.append(f"{day:<11} skipped: {steps['skipped']['reason']}")
+      gap = skipped and dt.date.fromisoformat(day) - dt.date.fromisoformat(skipped[-1])
+      if gap and gap.days > 1:
+        lines.append(_skipped_line(skipped, days))
+        skipped = []
+      skipped.append(day)
       continue
+    if skipped:
+      lines.append(_skipped_line(skipped, days))
+      skipped = []
     row = _row(day, steps)
     loss = "" if row["mean_loss"] is None else f"{row['mean_loss']:.3f}"
     cells = []
@@ -104,4 +112,14 @@ def table(days: dict[str, dict[str, Any]]) -> str:
         v = _recall(row, "all", m, k)
         cells.append(f"{'-' if v is None else f'{v:.3f}':>9}")
     lines.append(f"{day:<11} {row['examples'] or 0:>8} {loss:>7}  " + "  ".join(cells))
+  if skipped:
+    lines.append(_skipped_line(skipped, days))
   return "\n".join(lines)
+
+
+def _skipped_line(run: list[str], days: dict[str, dict[str, Any]]) -> str:
+  """One line for consecutive skipped days, e.g. a catch-up's days without logs."""
+  reason = days[run[0]]["skipped"]["reason"]
+  if len(run) == 1:
+    return f"{run[0]:<11} skipped: {reason}"
+  return f"{run[0]} .. {run[-1]} skipped ({len(run)} days): {reason}"

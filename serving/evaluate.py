@@ -33,7 +33,7 @@ import os
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
-from typing import Any, Iterator, Optional, Sequence  # noqa: E402
+from typing import Any, Optional, Sequence  # noqa: E402
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -62,8 +62,6 @@ KS = (10, 50, 100)
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "recall.png"
 _BATCH = 256
-# Bound on batch * fetched * excluded, the size of the exclusion comparison.
-_EXCLUSION_BUDGET = 32 << 20
 
 
 def eval_dir(workdir: str, day: datetime.date) -> str:
@@ -116,24 +114,6 @@ def seen_sets(events: dict[str, np.ndarray],
   return out
 
 
-def _batches(rows: np.ndarray, widths: Sequence[int], k: int) -> Iterator[np.ndarray]:
-  """Splits `rows` into batches of at most _BATCH whose exclusion test fits the budget.
-
-  The test compares rows x (k + widest exclusion list) x widest ids at once.
-  """
-  batch, widest = [], 0
-  for row in rows:
-    width = max(widest, widths[row])
-    if batch and (len(batch) == _BATCH or
-                  (len(batch) + 1) * (k + width) * width > _EXCLUSION_BUDGET):
-      yield np.array(batch)
-      batch, width = [], widths[row]
-    batch.append(row)
-    widest = width
-  if batch:
-    yield np.array(batch)
-
-
 def retrieve_ranks(loaded: tf.Module, events: dict[str, np.ndarray], rows: np.ndarray,
                    k: int, exclusions: Optional[list[frozenset[bytes]]] = None
                    ) -> np.ndarray:
@@ -151,7 +131,8 @@ def retrieve_ranks(loaded: tf.Module, events: dict[str, np.ndarray], rows: np.nd
   done = 0
   if exclusions is None:
     exclusions = [frozenset()] * len(events["item_id"])
-  for batch in _batches(rows, [len(e) for e in exclusions], k):
+  for start in range(0, len(rows), _BATCH):
+    batch = rows[start:start + _BATCH]
     inputs = {name: tf.constant(events[name][batch])
               for name in features_lib.QUERY_FEATURES}
     excluded = [sorted(exclusions[i]) for i in batch]

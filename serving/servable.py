@@ -50,6 +50,27 @@ def _retrieve_signature() -> dict[str, tf.TensorSpec]:
   }
 
 
+# Fingerprints live in [0, _KEY_SPACE); -1 pads every exclusion row so that it
+# is never empty, and never matches an id.
+_KEY_SPACE = (1 << 63) - 1
+
+
+def excluded(ids: tf.Tensor, exclude: tf.Tensor) -> tf.Tensor:
+  """[B, F] bool: whether ids[b, f] is one of exclude[b, :].
+
+  Compares 64-bit fingerprints by binary search in each row's sorted exclusions:
+  O(B (F + E) log E) time and O(B (F + E)) memory, where comparing every pair of
+  strings costs B F E. Two different ids share a fingerprint with probability
+  about 2^-63 per pair, so a false exclusion is not expected in practice.
+  """
+  keys = tf.sort(tf.strings.to_hash_bucket_fast(exclude, _KEY_SPACE), axis=1)
+  keys = tf.pad(keys, [[0, 0], [1, 0]], constant_values=-1)
+  # The padding column keeps searchsorted off a [0, 0] tensor (an empty batch).
+  wanted = tf.pad(tf.strings.to_hash_bucket_fast(ids, _KEY_SPACE), [[0, 0], [0, 1]])
+  at = tf.minimum(tf.searchsorted(keys, wanted), tf.shape(keys)[1] - 1)
+  return tf.equal(tf.gather(keys, at, batch_dims=1), wanted)[:, :-1]
+
+
 def _check_batch(features: Mapping[str, tf.Tensor]) -> list[tf.Operation]:
   """Asserts that every feature has the batch size of the first."""
   names = sorted(features)
@@ -146,8 +167,7 @@ class Retriever(tf.Module):
     scores, rows = self._search(queries, fetch)
     ids = tf.gather(self.item_ids, rows)
     valid = tf.logical_not(tf.math.is_nan(scores))
-    excluded = tf.reduce_any(ids[:, :, tf.newaxis] == exclude[:, tf.newaxis, :], axis=2)
-    valid = tf.logical_and(valid, tf.logical_not(excluded))
+    valid = tf.logical_and(valid, tf.logical_not(excluded(ids, exclude)))
     scores = tf.where(valid, scores / self._temperature, float("-inf"))
     ids = tf.where(valid, ids, "")
     missing = tf.maximum(k - tf.shape(scores)[1], 0)

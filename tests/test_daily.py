@@ -155,6 +155,26 @@ def test_missing_day_and_dead_letter_rate_fail_clearly(workdir, tmp_path):
   assert os.path.join(bad, "data", "2024-01-01", "stats.json") in proc.stderr
 
 
+def test_gaps_fail_unless_skipped_then_show_as_one_line(workdir):
+  command = [sys.executable, "-m", "pipeline.daily", f"--workdir={workdir}",
+             "--start_date=2023-12-29", f"--end_date={DAYS[-1]}", *TINY]
+  proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert "no log partition for 2023-12-29, 2023-12-30, 2023-12-31 (3 of 6 days)" in (
+      proc.stderr)
+  assert "pass --skip_missing_days" in proc.stderr
+  proc = subprocess.run(command + ["--skip_missing_days"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "skipping 3 of 6 days (2023-12-29 .. 2023-12-31)" in proc.stderr
+  assert proc.stderr.count("already complete") == 3 * 5
+  assert "2023-12-29 .. 2023-12-31 skipped (3 days): no log partition" in proc.stdout
+  assert all(f"\n{day} " in proc.stdout for day in DAYS)
+  days = _manifest(workdir)
+  assert [d for d in days if "skipped" in days[d]] == ["2023-12-29", "2023-12-30",
+                                                        "2023-12-31"]
+
+
 def test_airflow_example_is_valid_python_calling_the_daily_job():
   path = os.path.join(ROOT, "examples", "airflow_dag.py")
   with open(path) as f:

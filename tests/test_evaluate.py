@@ -21,6 +21,7 @@ from serving import evaluate
 from serving import export
 from serving import index
 from serving import recall
+from serving import servable
 import serving_testlib as tl
 
 N = 120
@@ -92,14 +93,20 @@ def test_popularity_order_deciles_and_ranks_with_exclusions():
                                 [7, 5, recall.MISS])
 
 
-def test_batches_keep_the_exclusion_test_within_budget(monkeypatch):
-  monkeypatch.setattr(evaluate, "_EXCLUSION_BUDGET", 100)
-  monkeypatch.setattr(evaluate, "_BATCH", 3)
-  widths = [0, 0, 0, 0, 5, 1, 1]
-  # [0 1 2] is a full batch; [3 4] compares 2 x (5 + 5) x 5 = 100 ids, adding row 5
-  # would make it 150; [5 6] compares 2 x 6 x 1.
-  batches = [b.tolist() for b in evaluate._batches(np.arange(7), widths, k=5)]
-  assert batches == [[0, 1, 2], [3, 4], [5, 6]]
+def test_exclusion_membership_matches_python_sets():
+  rng = np.random.default_rng(3)
+  ids = rng.integers(0, 60, (5, 40)).astype(str).astype(object)
+  exclude = rng.integers(0, 60, (5, 30)).astype(str).astype(object)
+  exclude[1] = ""  # a row that excludes nothing
+  exclude[2, 10:] = ""  # a row padded with ""
+  got = servable.excluded(tf.constant(ids), tf.constant(exclude)).numpy()
+  want = [[i in set(row) - {""} for i in id_row] for id_row, row in zip(ids, exclude)]
+  np.testing.assert_array_equal(got, want)
+  assert got[0].any() and not got[0].all()
+  none = servable.excluded(tf.constant(ids), tf.zeros([5, 0], tf.string)).numpy()
+  assert not none.any()
+  empty = servable.excluded(tf.zeros([0, 0], tf.string), tf.zeros([0, 0], tf.string))
+  assert empty.shape == (0, 0)
 
 
 def _write_world(workdir):
