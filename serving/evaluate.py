@@ -128,23 +128,21 @@ def retrieve_ranks(loaded: tf.Module, events: dict[str, np.ndarray], rows: np.nd
   """
   signature = loaded.signatures[servable.RETRIEVE]
   ranks = np.full(len(rows), recall.MISS, np.int64)
-  done = 0
   if exclusions is None:
     exclusions = [frozenset()] * len(events["item_id"])
   for start in range(0, len(rows), _BATCH):
     batch = rows[start:start + _BATCH]
     inputs = {name: tf.constant(events[name][batch])
               for name in features_lib.QUERY_FEATURES}
-    excluded = [sorted(exclusions[i]) for i in batch]
+    excluded = [list(exclusions[i]) for i in batch]
     width = max((len(e) for e in excluded), default=0)
     matrix = np.full((len(batch), width), b"", object)
     for j, items in enumerate(excluded):
       matrix[j, :len(items)] = items
     out = signature(**inputs, k=tf.constant(k, tf.int32),
                     exclude_item_ids=tf.constant(matrix, tf.string, shape=matrix.shape))
-    ranks[done:done + len(batch)] = recall.hit_ranks(out["item_ids"].numpy(),
-                                                     events["item_id"][batch])
-    done += len(batch)
+    ranks[start:start + len(batch)] = recall.hit_ranks(out["item_ids"].numpy(),
+                                                       events["item_id"][batch])
   return ranks
 
 
