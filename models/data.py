@@ -14,7 +14,7 @@ import os
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
-from typing import Sequence  # noqa: E402
+from typing import Optional, Sequence  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 
@@ -71,7 +71,8 @@ def serialized_examples(files: Sequence[str], shuffle_buffer: int = 0,
 
 def training_batches(files: Sequence[str], batch_size: int, skip: int = 0,
                      max_history: int = features.MAX_HISTORY, shuffle_buffer: int = 0,
-                     seed: int = 0) -> tf.data.Dataset:
+                     seed: int = 0, parallel_parses: Optional[int] = None
+                     ) -> tf.data.Dataset:
   """Parsed batches of a day from example `skip` on; the last batch may be short.
 
   Args:
@@ -81,6 +82,9 @@ def training_batches(files: Sequence[str], batch_size: int, skip: int = 0,
     max_history: history width cut-off, as in `features.parse_examples`.
     shuffle_buffer: see `serialized_examples`.
     seed: window-shuffle seed.
+    parallel_parses: batches parsed at once (tf.data.AUTOTUNE allowed); None
+      parses one at a time, behind the prefetch (each parse is multi-threaded
+      already). bench/input_parallelism.py compares the two.
 
   Returns:
     A dataset of dicts of features.TRAINING_FEATURES in the dense form of
@@ -92,5 +96,5 @@ def training_batches(files: Sequence[str], batch_size: int, skip: int = 0,
   return (records.batch(batch_size)
           .map(lambda s: features.parse_examples(s, features.TRAINING_FEATURES,
                                                  max_history=max_history),
-               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+               num_parallel_calls=parallel_parses, deterministic=True)
           .prefetch(tf.data.AUTOTUNE))

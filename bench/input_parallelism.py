@@ -1,0 +1,73 @@
+r"""Trainer days with one parse at a time vs AUTOTUNE-parallel parses (issue 4).
+
+`models.data.training_batches` parses one batch at a time behind the prefetch
+(`parallel_parses=None`), each parse being multi-threaded already. This A/B
+measures that choice: the same synthetic day (default config, batch 1024,
+history 50) is trained end to end by one Trainer, alternating the two settings
+day after day; each keeps its best day. A warm-up day per setting is not counted.
+
+  python bench/input_parallelism.py                  # 204,800 examples a day
+  python bench/input_parallelism.py --ab_rounds=3 --json_out=/tmp/p.json
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import train_throughput as tt  # noqa: E402  (its flags: --examples, ...)
+from models import data  # noqa: E402
+from models import trainer as trainer_lib  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+
+_ROUNDS = flags.DEFINE_integer("ab_rounds", 6, "Timed days per setting.")
+SETTINGS = {"one_at_a_time": None, "autotune_parallel": tf.data.AUTOTUNE}
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  examples = flags.FLAGS.examples
+  first = tt.FIRST_DAY
+  original = data.training_batches
+  best = {name: float("inf") for name in SETTINGS}
+  with tempfile.TemporaryDirectory() as root:
+    source = os.path.join(root, "source")
+    tt.write_day(source, first, tt.synthetic_examples(examples, seed=1))
+    trainer = trainer_lib.Trainer(os.path.join(root, "workdir"), ModelConfig())
+    day = first
+    for round_ in range(_ROUNDS.value + 1):
+      for name, parses in SETTINGS.items():
+        shutil.copytree(data.day_dir(source, first), data.day_dir(trainer.workdir, day))
+        data.training_batches = functools.partial(original, parallel_parses=parses)
+        start = time.perf_counter()
+        trainer.train_day(day)
+        if round_:  # round 0 traces
+          best[name] = min(best[name], time.perf_counter() - start)
+        day += datetime.timedelta(days=1)
+  data.training_batches = original
+  figures = {f"{name}_examples_per_s": examples / seconds for name, seconds in best.items()}
+  figures["one_at_a_time_speedup"] = best["autotune_parallel"] / best["one_at_a_time"]
+  for name, value in figures.items():
+    print(f"{name:36s} {value:12.3f}")
+  if flags.FLAGS.json_out:
+    with open(flags.FLAGS.json_out, "w") as f:
+      json.dump({"examples": examples, **figures}, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
