@@ -96,5 +96,6 @@ def training_batches(files: Sequence[str], batch_size: int, skip: int = 0,
   return (records.batch(batch_size)
           .map(lambda s: features.parse_examples(s, features.TRAINING_FEATURES,
                                                  max_history=max_history),
-               num_parallel_calls=parallel_parses, deterministic=True)
+               num_parallel_calls=parallel_parses,
+               deterministic=True if parallel_parses else None)
           .prefetch(tf.data.AUTOTUNE))
