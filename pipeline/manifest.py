@@ -25,8 +25,7 @@ class Manifest:
     return self._days.get(day.isoformat(), {}).get(step)
 
   def mark(self, day: dt.date, step: str, record: dict[str, Any]) -> None:
-    self._days.setdefault(day.isoformat(), {})[step] = record
-    self._write()
+    self.mark_all([day], step, record)
 
   def mark_all(self, days: Sequence[dt.date], step: str, record: dict[str, Any]) -> None:
     """`mark` for many days at once, with one write (a catch-up's skipped days)."""
