@@ -10,6 +10,9 @@ STACK = [
     "scann[tf]==1.4.2",
     "apache-beam==2.77.0",
     "tensorflow-serving-api==2.20.0",
+    # NumPy 2 (NEP 50 scalar promotion) is what the code is tested with; scann
+    # 1.4.2 already needs numpy~=2.0, and apache-beam 2.77 numpy<2.5.
+    "numpy>=2,<3",
     "absl-py>=2.1",
     "matplotlib>=3.8",
 ]

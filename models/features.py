@@ -1,6 +1,6 @@
 """The tf.train.Example contract between the pipeline, the model and serving.
 
-One table of features (shared/DESIGN.md, "Examples") drives everything here: the
+One table of features (docs/design.md, "Examples") drives everything here: the
 Beam job builds Examples with `to_example`, the trainer parses them with
 `parse_examples`, and the exporter declares its serving inputs with
 `query_input_signature`, so the three cannot drift apart.
@@ -8,6 +8,11 @@ Beam job builds Examples with `to_example`, the trainer parses them with
 Dense form: after parsing, every feature is a dense tensor with a leading batch
 dimension. Multi-valued string features are padded with "" and their weights with
 0.0; an empty string always means "absent" to the towers.
+
+Topic weights: an Example carries one `item_topic_weights` value per
+`item_topics` value, or none (uniform weights: parsing fills in 1.0 per topic).
+Any other count fails the parse with an InvalidArgumentError saying that topics
+and weights differ in length; a batch is never silently misaligned.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"
 from typing import Any, Mapping, Sequence  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
+
+# The error's words, shared with models/layers.py's check of the dense form.
+TOPIC_WEIGHTS_MISMATCH = "topics and weights differ in length"
 
 # name -> (dtype, multi-valued, default when absent)
 FEATURES: dict[str, tuple[tf.dtypes.DType, bool, Any]] = {
@@ -57,6 +65,25 @@ def _parse_spec(names: Sequence[str]) -> dict[str, Any]:
   return spec
 
 
+def _fill_topic_weights(parsed: dict[str, Any]) -> None:
+  """Checks one weight per topic, or none (then 1.0 each), row by row, in place."""
+  if "item_topics" not in parsed or "item_topic_weights" not in parsed:
+    return
+  topics, weights = parsed["item_topics"], parsed["item_topic_weights"]
+  topic_counts, weight_counts = topics.row_lengths(), weights.row_lengths()
+  bad = (weight_counts != topic_counts) & (weight_counts > 0)
+  row = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int64)
+  check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [tf.strings.format(
+      TOPIC_WEIGHTS_MISMATCH + ": Example {} of the batch has {} item_topics and {} "
+      "item_topic_weights (give one weight per topic, or none for uniform weights)",
+      (row, tf.gather(topic_counts, row), tf.gather(weight_counts, row)))])
+  with tf.control_dependencies([check]):
+    fill = tf.where(weight_counts == 0, topic_counts, tf.zeros_like(topic_counts))
+  ones = tf.RaggedTensor.from_row_lengths(tf.ones([tf.reduce_sum(fill)], tf.float32),
+                                          fill)
+  parsed["item_topic_weights"] = tf.concat([weights, ones], axis=1)
+
+
 def _densify(parsed: dict[str, Any], max_len: Mapping[str, int]) -> dict[str, tf.Tensor]:
   out = {}
   for name, value in parsed.items():
@@ -83,6 +110,7 @@ def parse_examples(serialized: tf.Tensor, names: Sequence[str] = tuple(FEATURES)
     name -> dense tensor [batch] or [batch, width].
   """
   parsed = tf.io.parse_example(serialized, _parse_spec(names))
+  _fill_topic_weights(parsed)
   return _densify(parsed, {"history_item_ids": max_history})
 
 

@@ -15,6 +15,8 @@ from typing import Sequence  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 
+from models.features import TOPIC_WEIGHTS_MISMATCH  # noqa: E402
+
 _SECONDS_PER_HOUR = 3600
 _SECONDS_PER_DAY = 86400
 _EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday; Monday is 0.
@@ -135,12 +137,23 @@ class NormalizedMLP(tf.keras.layers.Layer):
 def align_weights(weights: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
   """Cuts or pads (with 1.0, the documented default) weights [B, W] to values [B, T].
 
-  A batch may carry fewer weights than topics (weights absent from every
-  record) or more (a padded serving request); weights of absent values ("")
-  become 0.
+  A batch may carry no weights at all (W = 0: uniform weights) or more weights
+  than values (a padded serving request, cut); weights of absent values ("")
+  become 0. A present value beyond the W > 0 weights given has no weight of its
+  own: that fails with an InvalidArgumentError saying that topics and weights
+  differ in length, in eager mode and inside exported graphs alike.
   """
   width = tf.shape(values)[1]
-  weights = tf.cast(weights[:, :width], tf.float32)
+  given = tf.shape(weights)[1]
+  unweighted = tf.reduce_any(values[:, given:] != "")
+  check = tf.debugging.Assert(
+      tf.logical_or(tf.equal(given, 0), tf.logical_not(unweighted)),
+      [tf.strings.format(
+          TOPIC_WEIGHTS_MISMATCH + ": a row has a topic beyond its {} weights (of {} "
+          "topic columns); give one weight per topic, or no weights for uniform ones",
+          (given, width))])
+  with tf.control_dependencies([check]):
+    weights = tf.cast(weights[:, :width], tf.float32)
   missing = width - tf.shape(weights)[1]
   weights = tf.pad(weights, [[0, 0], [0, missing]], constant_values=1.0)
   return weights * tf.cast(values != "", tf.float32)

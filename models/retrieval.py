@@ -12,6 +12,13 @@ masked out of row i's softmax. `tfrs.tasks.Retrieval` (0.7.7) applies the
 temperature first and then subtracts log p (clipped to [1e-6, 1]), which is this
 order; tests/test_models.py pins it against a hand computation. The task sums
 over the batch; we divide by the global batch size, as tf.distribute expects.
+
+With `count_multiplicity` an estimator returns an expected count per batch, which
+may exceed 1, and TFRS's clip would make every count above 1 equal to 1. We pass
+p / max(1, max_j p_j) instead: subtracting the same log(max p) from every logit
+of a row leaves its softmax unchanged, and no p exceeds 1 any more, so a count of
+4 gets a logit log 4 below a count of 1. (Only a p below 1e-6 * max p would now
+meet TFRS's lower clip.)
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ def make_frequency_estimator(config: ModelConfig) -> Optional[tf.keras.layers.La
 
   "streaming" is the paper's hashed estimator; "exact" the per-id oracle
   (estimators.ExactFrequencyEstimator, by default its long-run count method).
+  With {"count_multiplicity": true} in `estimator_options`, `max_probability`
+  defaults to the batch size, so expected counts above 1 are not clipped.
   """
   if config.correction == "none":
     return None
@@ -43,6 +52,9 @@ def make_frequency_estimator(config: ModelConfig) -> Optional[tf.keras.layers.La
   if config.correction == "streaming":
     options.update(num_buckets=config.estimator_buckets,
                    num_hashes=config.estimator_hashes)
+  if options.get("count_multiplicity"):
+    # An expected count per batch is at most the batch size: let it show.
+    options.setdefault("max_probability", float(config.batch_size))
   return estimators.make_estimator(config.correction, alpha=config.estimator_alpha,
                                    name="frequency_estimator", **options)
 
@@ -109,6 +121,13 @@ class TwoTowerModel(tfrs.Model):
       return self.estimator(item_ids, tf.cast(step, tf.int64))
     return self.estimator.estimate(item_ids)
 
+  @staticmethod
+  def _below_one(p: Optional[tf.Tensor]) -> Optional[tf.Tensor]:
+    """p / max(1, max p): the same row softmax, and nothing for TFRS to clip at 1."""
+    if p is None:
+      return None
+    return p / tf.maximum(tf.reduce_max(p), 1.0)
+
   def compute_loss(self, features: Mapping[str, tf.Tensor], training: bool = False,
                    step: Optional[tf.Tensor] = None) -> tf.Tensor:
     """The corrected, reward-weighted in-batch softmax loss (module docstring).
@@ -132,7 +151,8 @@ class TwoTowerModel(tfrs.Model):
     loss_sum = self.task(
         query_embeddings, candidate_embeddings,
         sample_weight=reward,
-        candidate_sampling_probability=self.sampling_probability(item_ids, step, training),
+        candidate_sampling_probability=self._below_one(
+            self.sampling_probability(item_ids, step, training)),
         candidate_ids=item_index,
         compute_metrics=False, compute_batch_metrics=False)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync

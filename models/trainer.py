@@ -18,11 +18,24 @@ differs in an architecture field fails with the list of differing fields.
 A NaN or infinite loss stops the day before the optimizer applies that step, and
 no checkpoint is written past the last good one.
 
+A checkpoint that cannot be restored (a truncated file, say) is named in a
+warning and the previous one the CheckpointManager keeps is restored instead;
+its position in the day is restored with it, so the day resumes from there and
+no example is skipped or trained twice. If none can be restored, the error names
+the checkpoint directory. `load_model` (serving) falls back the same way.
+
 Steps run in chunks inside one tf.function (up to the next log or checkpoint
 boundary), so the per-step cost is the graph's alone. Every `log_every_steps`
 steps, TensorBoard (W/tensorboard) gets the loss, examples/s, the estimator's
 statistics and the in-batch recall@{1,10} of the next batch, measured before
-training on it.
+training on it. A day's loss sum and step count are checkpointed too, so a
+resumed day still reports the mean loss of the whole day.
+
+Fault injection, for tests only: with the environment variable
+TOWERSTREAM_KILL_AFTER_STEP=N, the training process kills itself with SIGKILL
+right after global step N has been trained and, if N is a checkpoint step,
+saved. N is a chunk boundary, so exactly N steps run: a deterministic stand-in
+for a crash at a known point (no polling, no timing).
 """
 
 from __future__ import annotations
@@ -31,11 +44,13 @@ import contextlib
 import datetime
 import json
 import os
+import re
+import signal
 import time
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
-from typing import Any, Iterator, Optional  # noqa: E402
+from typing import Any, Iterator, Mapping, Optional, Sequence  # noqa: E402
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -70,6 +85,8 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 _LOSS_CHECK = "training loss is not finite"
+# Test-only fault injection (module docstring): SIGKILL after this global step.
+KILL_AFTER_STEP_ENV = "TOWERSTREAM_KILL_AFTER_STEP"
 
 
 class DivergenceError(FloatingPointError):
@@ -112,22 +129,97 @@ def make_optimizer(config: ModelConfig) -> tf.keras.optimizers.Optimizer:
   return tf.keras.optimizers.SGD(config.learning_rate, jit_compile=False)
 
 
+def _kill_after_step() -> Optional[int]:
+  """N of TOWERSTREAM_KILL_AFTER_STEP (test-only fault injection), or None."""
+  value = os.environ.get(KILL_AFTER_STEP_ENV, "").strip()
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(
+        f"{KILL_AFTER_STEP_ENV}={value!r}: not an integer global step") from None
+
+
+def _kill_self() -> None:
+  """The injected crash: SIGKILL, so nothing (no finally, no atexit) runs after."""
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+# What a checkpoint that cannot be read raises: a truncated .data file gives
+# IndexError ("Read less bytes than requested"), a damaged one an OpError, a
+# checkpoint of another model an AssertionError or ValueError.
+_RESTORE_ERRORS = (tf.errors.OpError, IndexError, ValueError, AssertionError, OSError)
+
+
+def restore_checkpoint(objects: Mapping[str, Any], directory: str, partial: bool = False,
+                       optional: Sequence[str] = ()) -> Optional[str]:
+  """Restores the newest checkpoint of `directory` that reads; returns its path.
+
+  A checkpoint that fails to restore is named in a warning and the previous one
+  (the CheckpointManager keeps `max_checkpoints`) is tried: every object is
+  restored from one checkpoint, so the model, optimizer and position in the day
+  stay consistent.
+
+  Args:
+    objects: the tf.train.Checkpoint keys and objects to restore.
+    directory: a CheckpointManager directory.
+    partial: the checkpoints hold more than `objects` (e.g. load the model only).
+    optional: keys of `objects`, all variables, that checkpoints written before
+      they existed lack; those are then set to zero.
+
+  Returns:
+    The restored checkpoint's path, or None if `directory` has no checkpoint.
+
+  Raises:
+    RuntimeError: no checkpoint of `directory` could be restored.
+  """
+  state = tf.train.get_checkpoint_state(directory)
+  if state is None or not state.model_checkpoint_path:
+    return None
+  paths = list(reversed(state.all_model_checkpoint_paths))  # newest first
+  if state.model_checkpoint_path not in paths:
+    paths.insert(0, state.model_checkpoint_path)
+  failures = []
+  for path in paths:
+    try:
+      saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
+      absent = [key for key in optional if key not in saved]
+      status = tf.train.Checkpoint(
+          **{k: v for k, v in objects.items() if k not in absent}).restore(path)
+      if partial:
+        status.expect_partial()
+      status.assert_existing_objects_matched()
+    except _RESTORE_ERRORS as e:
+      reason = f"{type(e).__name__}: {getattr(e, 'message', None) or e}"
+      failures.append(f"{path}: {reason}")
+      logging.warning("checkpoint %s (its .index and .data-* files) cannot be restored "
+                      "(%s); falling back to the previous checkpoint", path, reason)
+      continue
+    for key in absent:
+      objects[key].assign(tf.zeros_like(objects[key]))
+    if failures:
+      logging.warning("restored %s instead of %s", path, paths[0])
+    return path
+  raise RuntimeError(f"{directory}: none of its {len(paths)} checkpoints can be "
+                     "restored: " + "; ".join(failures))
+
+
 def load_model(workdir: str) -> TwoTowerModel:
-  """The TwoTowerModel of W/config.json with the latest checkpoint's weights.
+  """The TwoTowerModel of W/config.json with the latest readable checkpoint's weights.
 
   Raises:
     FileNotFoundError: no config or no checkpoint in `workdir`.
+    RuntimeError: no checkpoint can be restored (see `restore_checkpoint`).
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f"{path}: missing; train at least one day first")
   model = TwoTowerModel(read_config(path))
   model(_dummy_batch())
-  latest = tf.train.latest_checkpoint(os.path.join(workdir, CHECKPOINT_DIR))
-  if latest is None:
-    raise FileNotFoundError(f"{os.path.join(workdir, CHECKPOINT_DIR)}: no checkpoint")
-  tf.train.Checkpoint(model=model).restore(latest).expect_partial(
-  ).assert_existing_objects_matched()
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  if restore_checkpoint({"model": model}, directory, partial=True) is None:
+    raise FileNotFoundError(f"{directory}: no checkpoint")
   return model
 
 
@@ -142,6 +234,8 @@ class Trainer:
     config: the ModelConfig in use.
     strategy: the tf.distribute strategy (default: the default strategy).
     model: the TwoTowerModel.
+    restored: the checkpoint restored at construction (or at the reload after a
+      divergence), None if there was none.
   """
 
   def __init__(self, workdir: str, config: Optional[ModelConfig] = None,
@@ -161,25 +255,33 @@ class Trainer:
       self._day_examples = tf.Variable(0, dtype=tf.int64, trainable=False,
                                        name="day_examples")
       self._day_complete = tf.Variable(False, trainable=False, name="day_complete")
-      # Loss summed over the steps since the last read: no per-step host sync.
-      self._loss_sum = tf.Variable(0.0, trainable=False, name="loss_sum")
-      self._loss_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                     name="loss_steps")
+      # The day's loss sum and steps, summed in the graph (no per-step host sync)
+      # and checkpointed, so that a resumed day reports the whole day's mean.
+      self._day_loss_sum = tf.Variable(0.0, dtype=tf.float64, trainable=False,
+                                       name="day_loss_sum")
+      self._day_loss_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                         name="day_loss_steps")
       self.model(_dummy_batch())
       # Slots now, so that a restore fills them at once and is checked whole.
       self.optimizer.build(self.model.trainable_variables)
-    checkpoint = tf.train.Checkpoint(
-        model=self.model, optimizer=self.optimizer, day=self._day,
-        day_examples=self._day_examples, day_complete=self._day_complete)
+    # day, day_examples and day_complete are the position others read: keep the keys.
+    objects = dict(model=self.model, optimizer=self.optimizer, day=self._day,
+                   day_examples=self._day_examples, day_complete=self._day_complete,
+                   day_loss_sum=self._day_loss_sum, day_loss_steps=self._day_loss_steps)
     self._manager = tf.train.CheckpointManager(
-        checkpoint, os.path.join(self.workdir, CHECKPOINT_DIR),
+        tf.train.Checkpoint(**objects), os.path.join(self.workdir, CHECKPOINT_DIR),
         max_to_keep=self.config.max_checkpoints, step_counter=self.optimizer.iterations)
     if self._manager.latest_checkpoint:
       if not tf.io.gfile.exists(os.path.join(self.workdir, CONFIG_FILE)):
         raise ValueError(f"{self.workdir}: checkpoints without {CONFIG_FILE}; cannot tell "
                          "which model they belong to")
-      checkpoint.restore(self._manager.latest_checkpoint).assert_existing_objects_matched()
-      logging.info("restored %s", self._manager.latest_checkpoint)
+      # Checkpoints from before the day's loss was kept: a resumed day's mean
+      # loss then covers the resumed part only.
+      self.restored = restore_checkpoint(objects, self._manager.directory,
+                                         optional=("day_loss_sum", "day_loss_steps"))
+      logging.info("restored %s", self.restored)
+    else:
+      self.restored = None
     # learning_rate is a run-time field: the config wins over the checkpoint.
     self.optimizer.learning_rate.assign(self.config.learning_rate)
     self._train_batch = tf.function(self._distributed_step, reduce_retracing=True)
@@ -213,9 +315,9 @@ class Trainer:
     loss, size = self.strategy.run(self._replica_step, args=(batch,))
     self._day_examples.assign_add(
         self.strategy.reduce(tf.distribute.ReduceOp.SUM, size, axis=None))
-    self._loss_sum.assign_add(self.strategy.reduce(tf.distribute.ReduceOp.SUM, loss,
-                                                   axis=None))
-    self._loss_steps.assign_add(1)
+    self._day_loss_sum.assign_add(tf.cast(
+        self.strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None), tf.float64))
+    self._day_loss_steps.assign_add(1)
 
   def _distributed_steps(self, iterator, max_steps: tf.Tensor) -> tf.Tensor:
     """Trains up to `max_steps` batches of `iterator` in one call; returns how many.
@@ -232,12 +334,9 @@ class Trainer:
       done += 1
     return done
 
-  def _take_mean_loss(self) -> tuple[float, int]:
-    """(sum of losses, steps) since the last call, and resets them."""
-    total, steps = float(self._loss_sum.numpy()), int(self._loss_steps.numpy())
-    self._loss_sum.assign(0.0)
-    self._loss_steps.assign(0)
-    return total, steps
+  def _day_loss(self) -> tuple[float, int]:
+    """(sum of losses, steps) of the day so far, resumed parts included."""
+    return float(self._day_loss_sum.numpy()), int(self._day_loss_steps.numpy())
 
   def _replica_probe(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """In-batch recall and estimator statistics of a batch, before training on it."""
@@ -268,8 +367,11 @@ class Trainer:
       yield
     except tf.errors.InvalidArgumentError as e:
       if _LOSS_CHECK not in e.message:
+        # A failed check of the input (models/features.py) says it in one line.
+        failed = re.search(r"assertion failed: \[(.*?)\]", e.message)
         raise RuntimeError(f"{data.day_dir(self.workdir, day)}: bad examples after "
-                           f"example {self._day_examples.numpy()}: {e.message}") from e
+                           f"example {self._day_examples.numpy()}: "
+                           f"{failed.group(1) if failed else e.message}") from e
       self._stale = True
       raise DivergenceError(
           f"day {day}: loss is NaN or infinite at global step {self.global_step + 1} "
@@ -286,19 +388,23 @@ class Trainer:
       raise IOError(f"{self._manager.directory}: cannot write checkpoint {step}: "
                     f"{e.message}") from e
 
-  def _log_interval(self, day: datetime.date, interval: tuple[float, int],
-                    probe: dict[str, float]) -> float:
-    """Writes loss and examples/s since `interval` (time, examples); returns loss sum."""
-    (since, since_examples), step = interval, self.global_step
-    total, steps = self._take_mean_loss()
+  def _log_interval(self, day: datetime.date, since: tuple[float, int, float, int],
+                    probe: dict[str, float]) -> tuple[float, int, float, int]:
+    """Writes loss and examples/s since `since`; returns the new `since`.
+
+    `since` is (time, day examples, day loss sum, day loss steps) at the last log.
+    """
+    step, now = self.global_step, time.perf_counter()
     consumed = int(self._day_examples.numpy())
-    rate = (consumed - since_examples) / max(time.perf_counter() - since, 1e-9)
-    tf.summary.scalar("loss", total / max(steps, 1), step=step)
+    total, steps = self._day_loss()
+    loss = (total - since[2]) / max(steps - since[3], 1)
+    rate = (consumed - since[1]) / max(now - since[0], 1e-9)
+    tf.summary.scalar("loss", loss, step=step)
     tf.summary.scalar("examples_per_s", rate, step=step)
     logging.info("day %s step %d: %d examples, loss %.4f, %.0f examples/s, in-batch "
-                 "recall@10 %.3f", day, step, consumed, total / max(steps, 1), rate,
+                 "recall@10 %.3f", day, step, consumed, loss, rate,
                  probe.get("in_batch_recall@10", float("nan")))
-    return total
+    return now, consumed, total, steps
 
   def _save_config(self) -> None:
     path = os.path.join(self.workdir, CONFIG_FILE)
@@ -320,6 +426,8 @@ class Trainer:
     self._day.assign(day.toordinal())
     self._day_examples.assign(0)
     self._day_complete.assign(False)
+    self._day_loss_sum.assign(0.0)
+    self._day_loss_steps.assign(0)
     return 0
 
   def train_day(self, day: datetime.date) -> dict[str, Any]:
@@ -328,8 +436,9 @@ class Trainer:
     Returns:
       Stats: day, status ("trained", "resumed" or "already_trained"), examples
       (consumed of the day in total), examples_this_run, steps_this_run,
-      global_step, mean_loss (this run), examples_per_s, the last probe's
-      in-batch recall and estimator stats, and the final checkpoint path.
+      global_step, mean_loss (of the whole day, resumed runs included),
+      examples_per_s (this run), the last probe's in-batch recall and
+      estimator stats, and the final checkpoint path.
 
     Raises:
       DivergenceError: a NaN or infinite loss; the model is reloaded from the last
@@ -356,9 +465,11 @@ class Trainer:
 
     started = time.perf_counter()
     start_step = self.global_step
-    loss_total, probe = 0.0, {}
-    self._take_mean_loss()
-    interval = (started, skip)
+    kill_after = _kill_after_step()
+    probe = {}
+    since = (started, skip, *self._day_loss())
+    every_checkpoint, every_log = (self.config.checkpoint_every_steps,
+                                   self.config.log_every_steps)
     with self._writer.as_default(), self._errors_as(day):
       exhausted = False
       while not exhausted:
@@ -373,19 +484,22 @@ class Trainer:
         self._train_batch(batch)
         while True:
           step = self.global_step
-          if step % self.config.checkpoint_every_steps == 0:
+          if step % every_checkpoint == 0:
             self._save(step)
-          if step % self.config.log_every_steps == 0:
-            loss_total += self._log_interval(day, interval, probe)
-            interval = (time.perf_counter(), int(self._day_examples.numpy()))
+          if step == kill_after:
+            self._writer.flush()
+            _kill_self()
+          if step % every_log == 0:
+            since = self._log_interval(day, since, probe)
             break
-          chunk = min(self.config.log_every_steps - step % self.config.log_every_steps,
-                      self.config.checkpoint_every_steps -
-                      step % self.config.checkpoint_every_steps)
+          # Chunks end at log and checkpoint boundaries, and at the kill step.
+          chunk = min(every_log - step % every_log,
+                      every_checkpoint - step % every_checkpoint)
+          if kill_after is not None and kill_after > step:
+            chunk = min(chunk, kill_after - step)
           if int(self._train_steps(iterator, tf.constant(chunk, tf.int64))) < chunk:
             exhausted = True
             break
-    loss_total += self._take_mean_loss()[0]
     step = self.global_step
     steps = step - start_step
     elapsed = time.perf_counter() - started
@@ -393,6 +507,7 @@ class Trainer:
     path = self._save(step)
     self._writer.flush()
     consumed = int(self._day_examples.numpy())
+    total, day_steps = self._day_loss()
     stats = {
         "day": day.isoformat(),
         "status": "resumed" if skip else "trained",
@@ -400,7 +515,7 @@ class Trainer:
         "examples_this_run": consumed - skip,
         "steps_this_run": steps,
         "global_step": step,
-        "mean_loss": loss_total / steps if steps else None,
+        "mean_loss": total / day_steps if day_steps else None,
         "examples_per_s": (consumed - skip) / elapsed if elapsed > 0 else None,
         "checkpoint": path,
         **probe,

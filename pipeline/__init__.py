@@ -1,4 +1,14 @@
-"""towerstream package. TFRS needs Keras 2, so tf.keras must be tf-keras: set before TF loads."""
+"""towerstream package. TFRS needs Keras 2, so tf.keras must be tf-keras: set before TF loads.
+
+TensorFlow's C++ log is off unless TF_CPP_MIN_LOG_LEVEL is set (its errors reach
+Python as exceptions; pipeline/app_logging.py routes the rest of the log). Beam's
+"apitools not found" warning at import (GCP client libraries not installed, which
+is expected without apache-beam[gcp]) is dropped.
+"""
+import logging
 import os
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+logging.getLogger().addFilter(
+    lambda record: not str(record.msg).startswith("apitools not found"))

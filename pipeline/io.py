@@ -158,6 +158,96 @@ def is_data_file(path: str) -> bool:
   return not posixpath.basename(path.replace("\\", "/")).startswith((".", "_"))
 
 
+class PartitionLayoutError(FileNotFoundError):
+  """A partition holds data files that the job would not read (in a subfolder, or
+  a dangling symbolic link): like a missing file, part of the input is not where
+  the job reads it."""
+
+
+def is_local_path(path: str) -> bool:
+  """Whether a path is on the local disk (no scheme): symbolic links, flock, os.walk."""
+  return FileSystems.get_scheme(path) is None
+
+
+def _relative_parts(root: str, path: str) -> list[str]:
+  """The components of `path` below `root`."""
+  return path[len(root):].replace("\\", "/").strip("/").split("/")
+
+
+def _local_partition(directory: str) -> tuple[list[str], list[str]]:
+  """(data files directly in `directory`, data files it would not read, with why)."""
+  files, unread, seen = [], [], set()
+
+  def fail(error: OSError) -> None:
+    raise error
+
+  for dirpath, dirnames, filenames in os.walk(directory, onerror=fail, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen:  # a symbolic link loop
+      dirnames[:] = []
+      continue
+    seen.add(real)
+    dirnames[:] = sorted(name for name in dirnames if is_data_file(name))
+    nested = os.path.normpath(dirpath) != os.path.normpath(directory)
+    for name in sorted(filenames):
+      path = os.path.join(dirpath, name)
+      if not is_data_file(name):
+        continue
+      if not os.path.exists(path):
+        unread.append(f"{path} (a dangling symbolic link to {os.readlink(path)})")
+      elif nested:
+        unread.append(f"{path} (in a subfolder)")
+      else:
+        files.append(path)
+  return files, unread
+
+
+def partition_files(directory: str) -> list[str]:
+  """The data files directly in a partition directory, sorted: what the job reads.
+
+  Hidden and marker names (.*, _*) are left out, files and subfolders alike. An
+  absent directory has no files.
+
+  Raises:
+    PartitionLayoutError: naming every other file that the job would not read: one
+      in a subfolder, or a dangling symbolic link.
+  """
+  if is_local_path(directory):
+    if not os.path.isdir(directory):
+      return []
+    files, unread = _local_partition(directory)
+  else:
+    files, unread = [], []
+    for metadata in FileSystems.match(
+        [FileSystems.join(directory, "**")])[0].metadata_list:
+      parts = _relative_parts(directory, metadata.path)
+      if all(is_data_file(part) for part in parts):
+        if len(parts) == 1:
+          files.append(metadata.path)
+        else:
+          unread.append(f"{metadata.path} (in a subfolder)")
+  if unread:
+    raise PartitionLayoutError(
+        f"{directory} holds {len(unread)} file(s) that the job would not read: "
+        f"{'; '.join(unread[:5])}{' ...' if len(unread) > 5 else ''}. Only files "
+        "directly in a partition are read: move or remove these.")
+  return sorted(files)
+
+
+def partition_names(root: str) -> list[str]:
+  """The names of the directories in `root` (its partitions), sorted."""
+  if is_local_path(root):
+    if not os.path.isdir(root):
+      return []
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+  names = set()
+  for metadata in FileSystems.match([FileSystems.join(root, "**")])[0].metadata_list:
+    parts = _relative_parts(root, metadata.path)
+    if len(parts) > 1:
+      names.add(parts[0])
+  return sorted(names)
+
+
 class _ReadLinesFn(beam.DoFn):
   """Path -> its `RawLine`s, plus the file's line count on the LINE_COUNTS output."""
 

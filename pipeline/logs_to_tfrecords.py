@@ -1,5 +1,5 @@
 """Beam job: one day of raw logs -> time-ordered TFRecords, corpus, dead letters, stats
-and the users' carried histories (shared/DESIGN.md, "The day, as data flows").
+and the users' carried histories (docs/design.md, "The day, as data flows").
 
     python -m pipeline.logs_to_tfrecords --workdir=W --date=2024-01-01 [Beam options]
 
@@ -12,6 +12,10 @@ Reads `--logs`/D (default W/logs/D), every `--catalog` partition dated up to D
     W/data/D/stats.json                     input lines == examples + duplicates +
                                             dead letters, overall and per file
     W/state/history/D/                      see pipeline.history
+Files in subfolders of a partition, and dangling symbolic links, fail the day before
+anything runs (they would not be read). Each event's history holds only its user's
+items strictly earlier than it (see pipeline.history). The standalone job holds
+W/.lock (pipeline.workdir_lock) while it runs; the daily job holds it already.
 Both directories are built under temporary names (W/data/.tmp-D-<id>, with the
 sort's scratch runs in W/data/.tmp-D-<id>-runs) and moved into place only after the
 whole pipeline has succeeded, the state first: W/data/D/stats.json existing means
@@ -29,6 +33,7 @@ Flags this module does not define are Beam pipeline options, e.g.
 --direct_running_mode=multi_processing.
 """
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -49,6 +54,7 @@ from pipeline import history
 from pipeline import io
 from pipeline import schema
 from pipeline import transforms
+from pipeline import workdir_lock
 
 _ALLOW_MISSING_HISTORY = flags.DEFINE_bool(
     "allow_missing_history", False,
@@ -56,10 +62,13 @@ _ALLOW_MISSING_HISTORY = flags.DEFINE_bool(
     "the date have data but no state.")
 _MAX_SKEW_S = flags.DEFINE_integer(
     "max_skew_s", 3600, "Events further than this outside the day's UTC bounds are "
-    "dead letters (timestamp_out_of_partition).")
-_MAX_HISTORY = flags.DEFINE_integer("max_history", 50, "Items kept in a user's history.")
-_CORPUS_SHARDS = flags.DEFINE_integer("corpus_shards", 4, "Corpus TFRecord files.")
-_HISTORY_SHARDS = flags.DEFINE_integer("history_shards", 4, "History state files.")
+    "dead letters (timestamp_out_of_partition).", lower_bound=0)
+_MAX_HISTORY = flags.DEFINE_integer("max_history", 50, "Items kept in a user's history.",
+                                    lower_bound=0)
+_CORPUS_SHARDS = flags.DEFINE_integer("corpus_shards", 4, "Corpus TFRecord files.",
+                                      lower_bound=1)
+_HISTORY_SHARDS = flags.DEFINE_integer("history_shards", 4, "History state files.",
+                                       lower_bound=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,30 +105,49 @@ def data_dir(workdir: str, day: dt.date) -> str:
   return FileSystems.join(workdir, "data", schema.partition_name(day))
 
 
+def _check_catalog(catalog_root: str, day: dt.date) -> None:
+  """Fails on files that the catalog partitions read for `day` hold but would not be read.
+
+  Raises:
+    io.PartitionLayoutError: naming them.
+  """
+  for name in io.partition_names(catalog_root):
+    if transforms.partition_up_to(schema.partition_name(day), name):
+      io.partition_files(FileSystems.join(catalog_root, name))
+
+
 def plan_day(day: dt.date, workdir: str, logs: Optional[str] = None,
              catalog: Optional[str] = None, allow_missing_history: bool = False,
              max_skew_s: int = 3600, max_history: int = 50, corpus_shards: int = 4,
              history_shards: int = 4) -> DayPlan:
-  """Checks a day's inputs and picks its paths.
+  """Checks a day's inputs and settings and picks its paths.
 
   Raises:
+    ValueError: a setting out of range (shards < 1, negative skew or history).
     FileNotFoundError: the day has no log files.
+    io.PartitionLayoutError: a log or catalog partition read for the day holds files
+      that would not be read (in a subfolder, dangling symbolic links).
     history.MissingHistoryError: see `history.previous_state`.
   """
+  for name, value, least in (("corpus_shards", corpus_shards, 1),
+                             ("history_shards", history_shards, 1),
+                             ("max_skew_s", max_skew_s, 0), ("max_history", max_history, 0)):
+    if value < least:
+      raise ValueError(f"{name} must be >= {least}, not {value}")
   logs_root = logs or FileSystems.join(workdir, "logs")
-  logs_pattern = FileSystems.join(logs_root, schema.partition_name(day), "*")
-  matched = [m.path for m in FileSystems.match([logs_pattern])[0].metadata_list
-             if io.is_data_file(m.path)]
-  if not matched:
+  logs_dir = FileSystems.join(logs_root, schema.partition_name(day))
+  logs_pattern = FileSystems.join(logs_dir, "*")
+  if not io.partition_files(logs_dir):
     raise FileNotFoundError(f"no log files for {day}: nothing matches {logs_pattern}")
+  catalog_root = catalog or FileSystems.join(workdir, "catalog")
+  _check_catalog(catalog_root, day)
   previous = history.previous_state(workdir, day, logs_root, allow_missing_history)
   final_data = data_dir(workdir, day)
   final_state = history.state_dir(workdir, day)
   data_tmp = io.temp_dir(final_data)
   return DayPlan(
       day=day, logs_pattern=logs_pattern,
-      catalog_pattern=FileSystems.join(catalog or FileSystems.join(workdir, "catalog"),
-                                       "*", "*"),
+      catalog_pattern=FileSystems.join(catalog_root, "*", "*"),
       previous_state=previous, data_dir=final_data, state_dir=final_state,
       data_tmp=data_tmp, state_tmp=io.temp_dir(final_state),
       scratch_dir=f"{data_tmp}-runs",
@@ -153,8 +181,11 @@ def build_day(p: beam.Pipeline, plan: DayPlan) -> None:
   joined = ({"events": unique.events, "corpus": corpus}
             | "JoinCatalog" >> transforms.JoinCatalog())
   previous = p | "ReadHistories" >> history.ReadHistories(plan.previous_state)
+  # A later day's event can be as early as the end of this day minus the skew.
+  keep_from_ts = schema.day_bounds(plan.day)[1] - plan.max_skew_s
   histories = ({"events": joined.events, history.STATE: previous}
-               | "AttachHistories" >> history.AttachHistories(plan.max_history))
+               | "AttachHistories" >> history.AttachHistories(plan.max_history,
+                                                              keep_from_ts))
   examples = histories.events | "ToExamples" >> transforms.ToExamples(plan.day)
 
   written = {
@@ -215,8 +246,13 @@ def run_day(day: dt.date, workdir: str, logs: Optional[str] = None,
             history_shards: int = 4) -> dict[str, Any]:
   """Runs the day's pipeline, publishes its outputs, and returns stats.json's content.
 
+  Takes no lock: the caller holds W/.lock (`main`, or the daily job for its run).
+
   Raises:
+    ValueError: a setting out of range (see `plan_day`).
     FileNotFoundError: the day has no log files.
+    io.PartitionLayoutError (a FileNotFoundError): a partition read for the day
+      holds files that would not be read.
     history.MissingHistoryError: earlier days have data but no history state.
     io.UnreadableFileError (inside Beam's error): a corrupt or truncated input file.
     transforms.StatsMismatchError (inside Beam's error): a line was lost.
@@ -252,23 +288,35 @@ def run_day(day: dt.date, workdir: str, logs: Optional[str] = None,
   return stats
 
 
-def _parse_flags(argv: Sequence[str]) -> list[str]:
-  """Parses this module's flags and leaves the rest (Beam's options) in argv."""
-  return flags.FLAGS(list(argv), known_only=True)
+def _workdir_lock(workdir: str) -> contextlib.AbstractContextManager:
+  """W/.lock for a local workdir; an flock cannot guard a remote one (gs://, ...)."""
+  if io.is_local_path(workdir):
+    return workdir_lock.WorkdirLock(workdir)
+  logging.warning("%s is not on a local disk: no lock keeps a second run of this "
+                  "workdir out", workdir)
+  return contextlib.nullcontext()
 
 
 def main(argv: Sequence[str]) -> None:
-  stats = run_day(
-      app_flags.parse_day(app_flags.DATE.value), app_flags.workdir(),
-      logs=app_flags.LOGS.value, catalog=app_flags.CATALOG.value,
-      pipeline_args=list(argv[1:]),
-      allow_missing_history=_ALLOW_MISSING_HISTORY.value, max_skew_s=_MAX_SKEW_S.value,
-      max_history=_MAX_HISTORY.value, corpus_shards=_CORPUS_SHARDS.value,
-      history_shards=_HISTORY_SHARDS.value)
+  """The standalone job: run_day under the workdir lock (the daily job, which calls
+  run_day itself, holds the lock already); a one-line error for bad input."""
+  try:
+    workdir = app_flags.workdir()
+    day = app_flags.parse_day(app_flags.DATE.value)
+    with _workdir_lock(workdir):
+      stats = run_day(
+          day, workdir, logs=app_flags.LOGS.value, catalog=app_flags.CATALOG.value,
+          pipeline_args=list(argv[1:]),
+          allow_missing_history=_ALLOW_MISSING_HISTORY.value, max_skew_s=_MAX_SKEW_S.value,
+          max_history=_MAX_HISTORY.value, corpus_shards=_CORPUS_SHARDS.value,
+          history_shards=_HISTORY_SHARDS.value)
+  except (app.UsageError, flags.Error, workdir_lock.WorkdirLocked, FileNotFoundError,
+          history.MissingHistoryError) as e:
+    app_flags.exit_with_error(e)
   print(json.dumps({key: stats[key] for key in (
       "day", "input_lines", "examples", "duplicates", "dead_letters",
       "dead_letters_by_reason", "unknown_item_events", "corpus_items")}, indent=2))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=app_flags.parse_flags_with_beam_options)

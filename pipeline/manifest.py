@@ -1,4 +1,10 @@
-"""Which steps of which day are complete: `W/manifest.json`, rewritten atomically."""
+"""Which steps of which day are complete: `W/manifest.json`, rewritten atomically.
+
+Besides the per-day step records, the manifest keeps the highest export version
+ever recorded (`export_high_water`): versions only grow, even when W/exports was
+lost or a day's records were cleared by --force, because TF Serving may have
+loaded any version it saw and must never see a number reused for another model.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
+EXPORT_STEP = "export"
+
 
 class Manifest:
   """Per-day step records. A step is complete once `mark` returned."""
@@ -14,9 +22,15 @@ class Manifest:
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "manifest.json")
     self._days: dict[str, dict[str, Any]] = {}
+    self._export_high_water = 0
     if os.path.exists(self.path):
       with open(self.path) as f:
-        self._days = json.load(f).get("days", {})
+        saved = json.load(f)
+      self._days = saved.get("days", {})
+      # Manifests written before the mark was kept: the versions they record.
+      self._export_high_water = saved.get("export_high_water", max(
+          (_version(steps.get(EXPORT_STEP)) for steps in self._days.values()),
+          default=0))
 
   def done(self, day: dt.date, step: str) -> bool:
     return step in self._days.get(day.isoformat(), {})
@@ -31,6 +45,8 @@ class Manifest:
     """`mark` for many days at once, with one write (a catch-up's skipped days)."""
     for day in days:
       self._days.setdefault(day.isoformat(), {})[step] = dict(record)
+    if step == EXPORT_STEP:
+      self._export_high_water = max(self._export_high_water, _version(record))
     self._write()
 
   def clear(self, day: dt.date) -> None:
@@ -41,10 +57,22 @@ class Manifest:
   def days(self) -> dict[str, dict[str, Any]]:
     return {d: dict(steps) for d, steps in sorted(self._days.items())}
 
+  @property
+  def export_high_water(self) -> int:
+    """The highest export version this workdir's manifest ever recorded (0: none)."""
+    return self._export_high_water
+
   def _write(self) -> None:
     tmp = f"{self.path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-      json.dump({"days": self._days}, f, indent=1, sort_keys=True)
+      json.dump({"days": self._days, "export_high_water": self._export_high_water}, f,
+                indent=1, sort_keys=True)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, self.path)
+
+
+def _version(record: Optional[dict[str, Any]]) -> int:
+  """The export version of an export step record (0 for none, or a skipped export)."""
+  version = (record or {}).get("version")
+  return version if isinstance(version, int) else 0

@@ -1,4 +1,4 @@
-"""The raw log and catalog schema of shared/DESIGN.md, and its validation.
+"""The raw log and catalog schema of docs/design.md, and its validation.
 
 One module owns the input contract so that the Beam job, the synthetic generator,
 the MovieLens converter and the tests agree on what a valid line is. Validation
@@ -21,6 +21,11 @@ MAX_LINE_BYTES = 1 << 20
 DEAD_LETTER_LINE_BYTES = 64 << 10
 # Epoch values above this are read as milliseconds (1e11 s is the year 5138).
 _MILLIS_THRESHOLD = 1e11
+# The last second of the year 9999 (datetime's limit, and far inside int64): later
+# timestamps are bad_timestamp, whatever --max_skew_s says.
+MAX_TIMESTAMP_S = 253402300799
+# Rewards, weights and durations become float32 features: larger ones would be inf.
+_FLOAT32_MAX = 3.4028234663852886e38
 
 # Machine-readable dead-letter reasons.
 MALFORMED_JSON = "malformed_json"
@@ -88,16 +93,16 @@ def parse_timestamp(value: Any) -> int:
   """Epoch seconds, epoch millis or an RFC 3339 string -> epoch seconds (UTC).
 
   Raises:
-    ValueError: the value is none of those, or not finite.
+    ValueError: the value is none of those, not finite, or outside
+      [1970-01-01, 9999-12-31] (a later value would overflow the int64 features).
   """
   if isinstance(value, bool):
     raise ValueError(f"boolean timestamp {value!r}")
   if isinstance(value, (int, float)):
     if not math.isfinite(value) or value < 0:
       raise ValueError(f"timestamp {value!r} is not a finite non-negative number")
-    seconds = value / 1000.0 if value > _MILLIS_THRESHOLD else value
-    return int(math.floor(seconds))
-  if isinstance(value, str):
+    seconds = int(math.floor(value / 1000.0 if value > _MILLIS_THRESHOLD else value))
+  elif isinstance(value, str):
     text = value.strip()
     if text.endswith(("Z", "z")):
       text = text[:-1] + "+00:00"
@@ -107,14 +112,40 @@ def parse_timestamp(value: Any) -> int:
       raise ValueError(f"timestamp {value!r} is not RFC 3339") from e
     if parsed.tzinfo is None or "T" not in text.upper():
       raise ValueError(f"timestamp {value!r} lacks a time or a UTC offset")
-    return int(math.floor(parsed.timestamp()))
-  raise ValueError(f"timestamp of type {type(value).__name__}")
+    seconds = int(math.floor(parsed.timestamp()))
+  else:
+    raise ValueError(f"timestamp of type {type(value).__name__}")
+  if not 0 <= seconds <= MAX_TIMESTAMP_S:
+    raise ValueError(f"timestamp {value!r} is outside 1970-01-01 .. 9999-12-31")
+  return seconds
 
 
 def day_bounds(day: dt.date) -> tuple[int, int]:
   """[start, end) of a UTC calendar day, in epoch seconds."""
   start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp())
   return start, start + 86400
+
+
+def _unencodable(obj: Any) -> Optional[str]:
+  """A string of a parsed JSON value (keys included) that UTF-8 cannot encode, or None.
+
+  json.loads turns a "\\ud800" escape into a lone surrogate, which every later
+  .encode("utf-8") (ids, Examples, dead-letter files) would fail on.
+  """
+  stack = [obj]
+  while stack:
+    value = stack.pop()
+    if isinstance(value, str):
+      try:
+        value.encode("utf-8")
+      except UnicodeEncodeError:
+        return value
+    elif isinstance(value, dict):
+      stack.extend(value.keys())
+      stack.extend(value.values())
+    elif isinstance(value, list):
+      stack.extend(value)
+  return None
 
 
 def _decode(line: Union[bytes, str]) -> Mapping[str, Any]:
@@ -125,14 +156,25 @@ def _decode(line: Union[bytes, str]) -> Mapping[str, Any]:
       line = line.decode("utf-8")
     except UnicodeDecodeError as e:
       raise _Reject(BAD_ENCODING, str(e)) from e
-  elif len(line) > MAX_LINE_BYTES:
-    raise _Reject(LINE_TOO_LONG, f"{len(line)} chars > {MAX_LINE_BYTES}")
+  else:
+    if len(line) > MAX_LINE_BYTES:
+      raise _Reject(LINE_TOO_LONG, f"{len(line)} chars > {MAX_LINE_BYTES}")
+    try:
+      line.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise _Reject(BAD_ENCODING, str(e)) from e
   try:
     obj = json.loads(line)
-  except (json.JSONDecodeError, RecursionError) as e:
+  except (ValueError, RecursionError) as e:  # ValueError: also ints over 4300 digits
     raise _Reject(MALFORMED_JSON, str(e)[:200]) from e
   if not isinstance(obj, dict):
     raise _Reject(NOT_AN_OBJECT, type(obj).__name__)
+  # Only a \u escape can make a lone surrogate out of valid UTF-8.
+  if "\\u" in line:
+    bad = _unencodable(obj)
+    if bad is not None:
+      raise _Reject(BAD_ENCODING,
+                    f"string {bad[:40]!r} holds a lone UTF-16 surrogate (not UTF-8)")
   return obj
 
 
@@ -162,13 +204,26 @@ def _optional_str(obj: Mapping[str, Any], key: str) -> str:
   return value
 
 
+def _as_float(value: Union[int, float]) -> float:
+  """float(value), or an infinity for a JSON integer too large for a float."""
+  try:
+    return float(value)
+  except OverflowError:
+    return math.inf if value > 0 else -math.inf
+
+
+def _finite32(value: float) -> bool:
+  """Whether a value stays finite as the float32 of an Example feature."""
+  return math.isfinite(value) and abs(value) <= _FLOAT32_MAX
+
+
 def _number(obj: Mapping[str, Any], key: str, default: float) -> float:
   value = obj.get(key)
   if value is None:
     return default
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     raise _Reject(WRONG_TYPE, f"{key} is {type(value).__name__}, not number")
-  return float(value)
+  return _as_float(value)
 
 
 def _timestamp(obj: Mapping[str, Any], key: str) -> int:
@@ -205,8 +260,8 @@ def validate_event(
     device = _optional_str(obj, "device")
     country = _optional_str(obj, "country")
     reward = _number(obj, "reward", 1.0)
-    if not math.isfinite(reward):
-      raise _Reject(NON_FINITE_REWARD, repr(reward))
+    if not _finite32(reward):
+      raise _Reject(NON_FINITE_REWARD, f"{reward!r} is not a finite float32")
     if reward < 0:
       raise _Reject(NEGATIVE_REWARD, repr(reward))
     ts = _timestamp(obj, "ts")
@@ -233,12 +288,13 @@ def validate_catalog(line: Union[bytes, str]) -> Union[CatalogItem, Invalid]:
     if weights is None:
       weights = [1.0] * len(topics)
     if (not isinstance(weights, list) or len(weights) != len(topics) or not all(
-        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+        isinstance(w, (int, float)) and not isinstance(w, bool)
+        and _finite32(_as_float(w))
         for w in weights)):
       raise _Reject(BAD_TOPICS, "topic_weights must be finite numbers, one per topic")
     duration = _number(obj, "duration_s", 0.0)
-    if not math.isfinite(duration) or duration < 0:
-      raise _Reject(WRONG_TYPE, f"duration_s {duration!r} is not finite and >= 0")
+    if not _finite32(duration) or duration < 0:
+      raise _Reject(WRONG_TYPE, f"duration_s {duration!r} is not a finite float32 >= 0")
     upload_ts = _timestamp(obj, "upload_ts") if obj.get("upload_ts") is not None else 0
   except _Reject as r:
     return r.invalid

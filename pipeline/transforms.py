@@ -282,14 +282,18 @@ class DedupeEvents(beam.PTransform):
             SOURCES, DUPLICATES, main="events"))
 
 
-def catalog_file_up_to(day_iso: str, path: str) -> bool:
-  """Whether a catalog file is a data file of a partition dated on or before the day."""
-  partition = io.partition_of(path)
+def partition_up_to(day_iso: str, partition: str) -> bool:
+  """Whether a partition name is a YYYY-MM-DD date on or before the day."""
   try:
     schema.parse_date(partition)
   except ValueError:
     return False
-  return io.is_data_file(path) and partition <= day_iso
+  return partition <= day_iso
+
+
+def catalog_file_up_to(day_iso: str, path: str) -> bool:
+  """Whether a catalog file is a data file of a partition dated on or before the day."""
+  return io.is_data_file(path) and partition_up_to(day_iso, io.partition_of(path))
 
 
 class _LatestLineFn(beam.CombineFn):
@@ -372,7 +376,7 @@ def item_features(item: schema.CatalogItem) -> dict[str, Any]:
 
 def example_features(event: schema.Event, item: schema.CatalogItem,
                      history: Tuple[str, ...], seed: str) -> dict[str, Any]:
-  """All Example features of one event (shared/DESIGN.md, "Examples")."""
+  """All Example features of one event (docs/design.md, "Examples")."""
   return {
       "event_id": event.event_id,
       "timestamp": event.timestamp,

@@ -3,10 +3,11 @@
   python -m serving.evaluate --workdir=W --date=YYYY-MM-DD \
       [--scann_export=W/exports/retrieval_scann/7 --exact_export=...]
 
-Test-then-train: the exports made before day D (by default the newest versions
-exported from a day before D) are scored on day D's events, W/data/D, before any
-training on them. Each event is a query (its query features, as served) whose
-target is its item_id. Through each export's `retrieve` signature:
+Test-then-train: the exports made before day D (by default both variants of the
+newest version labelled with a day before D, serving.export.exports_before) are
+scored on day D's events, W/data/D, before any training on them. Each event is a
+query (its query features, as served) whose target is its item_id. Through each
+export's `retrieve` signature:
 
   * recall@10/50/100 over all items;
   * recall@10/50/100 with the user's seen items excluded: seen = the event's
@@ -50,11 +51,10 @@ from serving import plots  # noqa: E402
 from serving import recall  # noqa: E402
 from serving import records  # noqa: E402
 from serving import servable  # noqa: E402
-from serving import versions  # noqa: E402
 
 _SCANN_EXPORT = flags.DEFINE_string(
-    "scann_export", None, "ScaNN export to score (default: the newest version exported "
-    "from a day before --date).")
+    "scann_export", None, "ScaNN export to score (default: the newest version labelled "
+    "with a day before --date).")
 _EXACT_EXPORT = flags.DEFINE_string(
     "exact_export", None, "Exact export to score (default: as for --scann_export).")
 
@@ -144,16 +144,6 @@ def retrieve_ranks(loaded: tf.Module, events: dict[str, np.ndarray], rows: np.nd
     ranks[start:start + len(batch)] = recall.hit_ranks(out["item_ids"].numpy(),
                                                        events["item_id"][batch])
   return ranks
-
-
-def _default_export(workdir: str, model_name: str, day: datetime.date) -> Optional[str]:
-  """The newest version of `model_name` exported from a day before `day`."""
-  base = export_lib.export_base(workdir, model_name)
-  for version in reversed(versions.list_versions(base)):
-    path = os.path.join(base, str(version))
-    if datetime.date.fromisoformat(export_lib.read_metadata(path)["day"]) < day:
-      return path
-  return None
 
 
 def _decile_table(ranks: np.ndarray, deciles: np.ndarray, ks: Sequence[int]
@@ -279,8 +269,10 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   workdir = app_flags.workdir()
   day = app_flags.parse_day(app_flags.DATE.value)
-  scann_dir = _SCANN_EXPORT.value or _default_export(workdir, export_lib.SCANN_MODEL, day)
-  exact_dir = _EXACT_EXPORT.value or _default_export(workdir, export_lib.EXACT_MODEL, day)
+  scann_dir, exact_dir = _SCANN_EXPORT.value, _EXACT_EXPORT.value
+  if not scann_dir or not exact_dir:
+    default = export_lib.exports_before(workdir, day) or (None, None)
+    scann_dir, exact_dir = scann_dir or default[0], exact_dir or default[1]
   if not scann_dir and not exact_dir:
     raise app.UsageError(f"no export from a day before {day} under {workdir}/exports; "
                          "pass --scann_export/--exact_export")

@@ -14,11 +14,18 @@ requests and metadata, loaded back and replayed, and only then published:
     metadata.json}
 
 Both variants of one export share the version number, one more than any existing
-version of either, and the exact one is published last, so an exact version
-implies its ScaNN twin. A failed export (recall below --min_ann_recall, bad
-corpus, crash before publication) publishes nothing; its staging directories are
-removed by the next run. One exporter per workdir at a time (the daily job holds
-W/.lock).
+version of either (and at least `min_version`, a high-water mark the daily job
+keeps), and the exact one is published last, so an exact version implies its
+ScaNN twin. A failed export (recall below --min_ann_recall, bad corpus, crash
+before publication) publishes nothing; its staging directories are removed by
+the next run. One exporter per workdir at a time (the daily job holds W/.lock).
+
+An export is labelled with day D only when the model has trained day D to its
+end: the trained position (the trainer's day, examples of it, whether it is
+complete, global step) is checked against D and recorded in the metadata
+("trained"); the command line reads it from the latest checkpoint in
+W/checkpoints. `exports_before(W, D)` finds the newest export labelled before D,
+the one that day D's evaluation may score.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import weakref
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
-from typing import Any, Optional  # noqa: E402
+from typing import Any, Optional, Union  # noqa: E402
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -188,9 +195,137 @@ def _write_metadata(export_dir: str, values: dict[str, Any]) -> None:
 
 
 def read_metadata(export_dir: str) -> dict[str, Any]:
-  """The metadata.json of an export."""
-  with tf.io.gfile.GFile(os.path.join(export_dir, "assets.extra", METADATA_FILE)) as f:
-    return json.load(f)
+  """The metadata.json of an export.
+
+  Raises:
+    FileNotFoundError: the export has none.
+    ValueError: it is not a JSON object (naming the file).
+  """
+  path = os.path.join(export_dir, "assets.extra", METADATA_FILE)
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      text = f.read()
+  except tf.errors.NotFoundError as e:
+    raise FileNotFoundError(f"{path}: missing; not an export of serving.export") from e
+  try:
+    values = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: line {e.lineno}: unreadable metadata: {e.msg}") from e
+  if not isinstance(values, dict):
+    raise ValueError(f"{path}: line 1: metadata must be a JSON object")
+  return values
+
+
+def exports_before(workdir: str, day: datetime.date) -> Optional[tuple[str, str]]:
+  """(scann_dir, exact_dir) of the newest export labelled with a day before `day`.
+
+  What day D's test-then-train evaluation scores: an export labelled D or later
+  comes from a model that has trained on D (a forced re-run of D, a catch-up
+  that ran ahead). Both variants share a version number and the exact one is
+  published last, so the exact versions are searched, newest first.
+
+  Returns:
+    The two version directories, or None when no export is labelled before `day`.
+
+  Raises:
+    FileNotFoundError: an exact version without its ScaNN twin, or without metadata.
+    ValueError: unreadable metadata, or a bad "day" in it (naming the file).
+    NotADirectoryError: W/exports, or a base under it, is a file.
+  """
+  scann_base = export_base(workdir, SCANN_MODEL)
+  exact_base = export_base(workdir, EXACT_MODEL)
+  for version in reversed(versions.list_versions(exact_base)):
+    exact_dir = os.path.join(exact_base, str(version))
+    label = read_metadata(exact_dir).get("day")
+    try:
+      labelled = datetime.date.fromisoformat(label)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{os.path.join(exact_dir, 'assets.extra', METADATA_FILE)}: "
+                       f"\"day\" is {label!r}, not a YYYY-MM-DD date") from e
+    if labelled < day:
+      scann_dir = os.path.join(scann_base, str(version))
+      if not tf.io.gfile.isdir(scann_dir):
+        raise FileNotFoundError(
+            f"{scann_dir}: missing, though its exact twin {exact_dir} is published")
+      return scann_dir, exact_dir
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedPosition:
+  """How far a model has trained: the trainer's position, its global step, its source.
+
+  Attributes:
+    day: the day being or last trained (None before any).
+    examples: examples of that day consumed.
+    complete: whether that day was trained to its end.
+    global_step: optimizer steps in total (None when unknown).
+    checkpoint: the checkpoint it was read from (None: the caller's trainer).
+  """
+  day: Optional[datetime.date]
+  examples: int
+  complete: bool
+  global_step: Optional[int] = None
+  checkpoint: Optional[str] = None
+
+  def to_json(self) -> dict[str, Any]:
+    return {"day": self.day.isoformat() if self.day else None, "examples": self.examples,
+            "complete": self.complete, "global_step": self.global_step,
+            "checkpoint": self.checkpoint}
+
+  def check_label(self, day: datetime.date) -> None:
+    """Raises ValueError unless this position is day `day`, trained to its end."""
+    if self.day == day and self.complete:
+      return
+    source = self.checkpoint or "the model given"
+    if self.day is None:
+      trained = "has not trained any day"
+    else:
+      step = "" if self.global_step is None else f", global step {self.global_step}"
+      trained = (f"has trained {self.examples} examples of {self.day.isoformat()} "
+                 f"({'complete' if self.complete else 'incomplete'}{step})")
+    label = day.isoformat()
+    raise ValueError(f"refusing to label an export {label}: {source} {trained}; "
+                     f"export {label} after training that day to its end")
+
+
+# The trainer's tf.train.Checkpoint (models/trainer.py): its position variables.
+_POSITION_KEYS = {name: f"{name}/.ATTRIBUTES/VARIABLE_VALUE"
+                  for name in ("day", "day_examples", "day_complete")}
+_GLOBAL_STEP_KEY = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def checkpoint_position(workdir: str, checkpoint: Optional[str] = None) -> TrainedPosition:
+  """The trained position stored in a trainer checkpoint.
+
+  Args:
+    workdir: the workdir.
+    checkpoint: the checkpoint's path prefix; default the latest in W/checkpoints.
+
+  Raises:
+    FileNotFoundError: no checkpoint.
+    ValueError: the checkpoint is unreadable or lacks the trainer's position.
+  """
+  from models import trainer  # pylint: disable=g-import-not-at-top  (defines flags)
+  directory = os.path.join(workdir, trainer.CHECKPOINT_DIR)
+  latest = checkpoint or tf.train.latest_checkpoint(directory)
+  if latest is None:
+    raise FileNotFoundError(f"{directory}: no checkpoint; train at least one day first")
+  try:
+    reader = tf.train.load_checkpoint(latest)
+  except (tf.errors.OpError, ValueError) as e:
+    raise ValueError(f"{latest}: unreadable checkpoint: {e}") from e
+  missing = [key for key in _POSITION_KEYS.values() if not reader.has_tensor(key)]
+  if missing:
+    raise ValueError(f"{latest}: not a trainer checkpoint, it lacks {missing}")
+  ordinal = int(reader.get_tensor(_POSITION_KEYS["day"]))
+  return TrainedPosition(
+      day=datetime.date.fromordinal(ordinal) if ordinal else None,
+      examples=int(reader.get_tensor(_POSITION_KEYS["day_examples"])),
+      complete=bool(reader.get_tensor(_POSITION_KEYS["day_complete"])),
+      global_step=(int(reader.get_tensor(_GLOBAL_STEP_KEY))
+                   if reader.has_tensor(_GLOBAL_STEP_KEY) else None),
+      checkpoint=latest)
 
 
 # The newest published exports as `_verify` loaded them, by absolute path: the next
@@ -222,31 +357,59 @@ def _verify(export_dir: str, logs: list[prediction_log_pb2.PredictionLog],
   return loaded
 
 
+Position = tuple[Optional[datetime.date], int, bool]  # Trainer.position()
+
+
 def export_day(model: tf.keras.Model, config: ModelConfig, workdir: str,
                day: datetime.date, corpus_glob: Optional[str] = None,
                min_ann_recall: float = 0.95, k: int = 100,
-               scann_params: Optional[index.ScannParams] = None) -> dict[str, Any]:
+               scann_params: Optional[index.ScannParams] = None, *,
+               trained: Union[Position, TrainedPosition, None] = None,
+               global_step: Optional[int] = None,
+               min_version: int = 1) -> dict[str, Any]:
   """Indexes day D's corpus and publishes both exports under W/exports.
 
   Args:
     model: the trained TwoTowerModel (`.query_tower`, `.candidate_tower`).
     config: its ModelConfig (temperature, max_history; stored in the metadata).
     workdir: the workdir.
-    day: the day whose corpus is indexed and whose events are the recall queries.
+    day: the day whose corpus is indexed and whose events are the recall queries,
+      and the export's label: the model must have trained day D to its end.
     corpus_glob: corpus files (default W/data/D/corpus-*.tfrecord.gz).
     min_ann_recall: required ScaNN recall@10 against exact search.
     k: items returned by serving_default.
     scann_params: ScaNN parameters to start tuning from, instead of the rule of
       thumb for the corpus size (index.scann_params).
+    trained: how far `model` has trained: (day, examples of it, complete) as
+      `Trainer.position()` returns, or a TrainedPosition; None reads it from the
+      latest checkpoint in W/checkpoints (`checkpoint_position`), for a model
+      loaded from there.
+    global_step: the model's global step, recorded with a `trained` tuple.
+    min_version: the least version number to publish (a high-water mark kept by
+      the caller): the version is max(next free version, min_version).
 
   Returns:
     {"version", "scann_dir", "exact_dir", "metadata"} (metadata of the ScaNN one).
 
   Raises:
-    ValueError: ScaNN's recall stays below `min_ann_recall`, or a bad corpus.
-    FileNotFoundError: no corpus.
+    ValueError: the trained position is not day D complete; ScaNN's recall stays
+      below `min_ann_recall`; a bad corpus; min_version < 1.
+    FileNotFoundError: no corpus; no checkpoint when `trained` is None.
+    NotADirectoryError: W/exports, or a base under it, is a file.
   """
   started = time.perf_counter()
+  if trained is None:
+    position = checkpoint_position(workdir)
+  elif isinstance(trained, TrainedPosition):
+    position = trained
+  else:
+    position = TrainedPosition(*trained, global_step=global_step)
+  position.check_label(day)
+  if min_version < 1:
+    raise ValueError(f"min_version must be >= 1, got {min_version}")
+  bases = {name: export_base(workdir, name) for name in (SCANN_MODEL, EXACT_MODEL)}
+  for base in bases.values():
+    versions.require_directory(base)
   pattern = corpus_glob or os.path.join(data.day_dir(workdir, day), CORPUS_PATTERN)
   item_ids, corpus = read_corpus(pattern)
   item_embeddings = embed(model.candidate_tower, corpus)
@@ -275,17 +438,21 @@ def export_day(model: tf.keras.Model, config: ModelConfig, workdir: str,
       EXACT_MODEL: servable.ExactRetriever(**common),
   }
 
-  bases = {name: export_base(workdir, name) for name in retrievers}
   for base in bases.values():
     versions.remove_stale_staging(base)
-  version = versions.next_version(*bases.values())
+  version = versions.next_version(*bases.values(), min_version=min_version)
+  max_k = retrievers[SCANN_MODEL].max_k
   ann = {"recall_at_10": tuned.recall[min(index.RECALL_K, num_items)],
          "recall_at_k": tuned.recall[min(k, num_items)], "k": min(k, num_items),
          "min_recall": min_ann_recall, "num_queries": tuned.num_queries,
          "query_source": query_source, "params": dataclasses.asdict(tuned.params),
+         # Searches widen with k so that k real items come back up to max_k.
+         "leaves_searched": {str(c): int(tuned.layer.leaves_for(c))
+                             for c in sorted({min(k, max_k), max_k})},
          "attempts": list(tuned.attempts)}
   shared = {
-      "version": version, "day": day.isoformat(), "data_range": data_range(workdir, day),
+      "version": version, "day": day.isoformat(), "trained": position.to_json(),
+      "data_range": data_range(workdir, day),
       "corpus": {"size": num_items, "glob": pattern,
                  "embedding_dim": int(item_embeddings.shape[1])},
       "ann": ann, "config": config.to_dict(), "stack": stack_versions(),
@@ -325,9 +492,15 @@ def main(argv: list[str]) -> None:
   from models import trainer  # pylint: disable=g-import-not-at-top  (the CLI's only user)
   workdir = app_flags.workdir()
   day = app_flags.parse_day(app_flags.DATE.value)
+  trained = checkpoint_position(workdir)
+  try:  # Before the model is loaded: a wrong --date is a usage error.
+    trained.check_label(day)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   model = trainer.load_model(workdir)
   result = export_day(model, model.config, workdir, day, corpus_glob=_CORPUS_GLOB.value,
-                      min_ann_recall=_MIN_ANN_RECALL.value, k=_EXPORT_K.value)
+                      min_ann_recall=_MIN_ANN_RECALL.value, k=_EXPORT_K.value,
+                      trained=trained)
   print(json.dumps({key: result[key] for key in ("version", "scann_dir", "exact_dir")}))
 
 

@@ -1,7 +1,7 @@
 """Nearest-neighbour search over the item embeddings: ScaNN, its exact twin, recall.
 
-The ScaNN index is `tfrs.layers.factorized_top_k.ScaNN`, indexed without
-identifiers so that it returns row numbers into the corpus; the servable maps rows
+The ScaNN index (`ScannIndex`) is a ScaNN searcher over the embeddings, built with
+ScaNN's TF ops and returning row numbers into the corpus; the servable maps rows
 to item ids. Its parameters come from the corpus size (`scann_params`) and are
 verified against exact search on held-out queries (`tune_scann`): when recall@10
 falls short, the search is widened and the index rebuilt, and the export fails if
@@ -11,8 +11,12 @@ Two properties of the ScaNN op shape the parameters here:
   * with reordering, a search returns at most `num_reordering_candidates`
     neighbours, whatever `k` asks for, so that count is kept above the most
     neighbours a servable will ever fetch (`max_fetch`);
-  * when the searched leaves hold fewer than `k` points the result is narrower
-    than `k` and padded with NaN scores (and row 0), which callers must mask.
+  * a search returns only points of the leaves it searched. `ScannIndex`
+    therefore searches, for a request of k, at least as many leaves as it takes
+    for any choice of leaves to hold k points, so k real neighbours come back
+    for every k up to `num_reordering_candidates` (and the corpus size). Wider
+    requests are narrower than k and padded with NaN scores (and row 0), which
+    callers must mask.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import uuid
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
@@ -27,8 +32,8 @@ from typing import Optional  # noqa: E402
 
 from absl import logging  # noqa: E402
 import numpy as np  # noqa: E402
+from scann.scann_ops.py import scann_ops  # noqa: E402
 import tensorflow as tf  # noqa: E402
-import tensorflow_recommenders as tfrs  # noqa: E402
 
 RECALL_K = 10
 # Rebuilds tried after the first index before the export gives up.
@@ -39,7 +44,7 @@ _EXACT_QUERY_BLOCK = 64
 
 @dataclasses.dataclass(frozen=True)
 class ScannParams:
-  """The knobs of `tfrs.layers.factorized_top_k.ScaNN` that decide speed vs recall."""
+  """The knobs of a ScaNN tree + asymmetric hashing searcher: speed vs recall."""
   num_leaves: int
   num_leaves_to_search: int
   num_reordering_candidates: int
@@ -85,23 +90,66 @@ def scann_params(num_items: int, max_fetch: int) -> ScannParams:
   return ScannParams(num_leaves, to_search, reorder)
 
 
-def build_scann(embeddings: tf.Tensor, params: ScannParams,
-                k: int) -> tfrs.layers.factorized_top_k.ScaNN:
-  """A TFRS ScaNN layer over `embeddings` [n, d] (dot product), returning row numbers.
+class ScannIndex(tf.Module):
+  """A ScaNN searcher over embeddings [n, d] (dot product) that returns row numbers.
 
-  Call it as `layer(query_embeddings, k=...)` -> (scores, rows); see the module
-  docstring for the NaN padding of short results.
+  Call it as `index(queries [B, d], k)` -> (scores [B, <=k], rows int32 [B, <=k]);
+  k may be a tensor (one value per call). A search covers
+  max(num_leaves_to_search, `leaves_for(k)`) leaves: enough that k real
+  neighbours come back whenever k <= num_reordering_candidates and k <= n. The
+  searcher is kept as ScaNN's tensors (`state`), so a SavedModel that tracks this
+  module restores it; loading one needs ScaNN's ops.
+
+  Attributes:
+    state: scann_ops.ScannState, the searcher's tensors.
+    leaf_cover: int64 variable [num_leaves]: entry i is the fewest points any i + 1
+      leaves hold together (the running sum of the leaf sizes, smallest first).
+    params: the ScannParams it was built with.
   """
-  layer = tfrs.layers.factorized_top_k.ScaNN(
-      k=k,
-      distance_measure="dot_product",
-      num_leaves=params.num_leaves,
-      num_leaves_to_search=params.num_leaves_to_search,
-      training_iterations=params.training_iterations,
-      dimensions_per_block=params.dimensions_per_block,
-      num_reordering_candidates=params.num_reordering_candidates,
-      name="scann")
-  return layer.index(tf.convert_to_tensor(embeddings, tf.float32))
+
+  def __init__(self, embeddings: tf.Tensor, params: ScannParams, k: int,
+               name: str = "scann"):
+    super().__init__(name=name)
+    database = tf.convert_to_tensor(embeddings, tf.float32)
+    builder = (scann_ops.builder(database, num_neighbors=k,
+                                 distance_measure="dot_product")
+               .tree(num_leaves=params.num_leaves,
+                     num_leaves_to_search=params.num_leaves_to_search,
+                     training_iterations=params.training_iterations)
+               .score_ah(dimensions_per_block=params.dimensions_per_block)
+               .reorder(params.num_reordering_candidates))
+    # A unique shared name: two indexes in one process must not share a searcher.
+    self.state = builder.build(shared_name=f"{name}/{uuid.uuid4()}").serialize_to_module()
+    tokens = self.state.datapoint_to_token.numpy().astype(np.int64)
+    sizes = np.bincount(tokens, minlength=params.num_leaves)
+    self.leaf_cover = tf.Variable(np.cumsum(np.sort(sizes)), trainable=False,
+                                  name="leaf_cover")
+    self.params = params
+
+  def leaves_for(self, k: tf.Tensor) -> tf.Tensor:
+    """The leaves to search for k neighbours: int32 scalar."""
+    k = tf.reshape(tf.cast(k, tf.int64), [1])
+    needed = tf.searchsorted(self.leaf_cover, k, side="left", out_type=tf.int64)[0] + 1
+    leaves = tf.clip_by_value(needed, self.params.num_leaves_to_search,
+                              tf.shape(self.leaf_cover, out_type=tf.int64)[0])
+    return tf.cast(leaves, tf.int32)
+
+  def __call__(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    k = tf.cast(k, tf.int32)
+    searcher = scann_ops.searcher_from_module(self.state)
+    found = searcher.search_batched_parallel(
+        tf.convert_to_tensor(queries, tf.float32), final_num_neighbors=k,
+        leaves_to_search=self.leaves_for(k))
+    return found.distances, found.indices
+
+
+def build_scann(embeddings: tf.Tensor, params: ScannParams, k: int) -> ScannIndex:
+  """A ScannIndex over `embeddings` [n, d] (dot product) whose default k is `k`.
+
+  Call it as `index(query_embeddings, k=...)` -> (scores, rows); see the module
+  docstring for the NaN padding of results wider than the index can answer.
+  """
+  return ScannIndex(embeddings, params, k)
 
 
 def exact_top_k(queries: tf.Tensor, embeddings: tf.Tensor,
@@ -150,9 +198,8 @@ def recall_against_exact(approx_rows: np.ndarray, queries: np.ndarray,
   return float(hits.sum(axis=1).mean() / k)
 
 
-def scann_rows(layer: tfrs.layers.factorized_top_k.ScaNN, queries: np.ndarray,
-               k: int) -> np.ndarray:
-  """Rows [B, k] found by a ScaNN layer, -1 where it found fewer than k."""
+def scann_rows(layer: ScannIndex, queries: np.ndarray, k: int) -> np.ndarray:
+  """Rows [B, k] found by a ScaNN index, -1 where it found fewer than k."""
   scores, rows = layer(tf.constant(queries, tf.float32), k=k)
   rows = np.where(np.isnan(scores.numpy()), -1, rows.numpy())
   return np.pad(rows, [(0, 0), (0, k - rows.shape[1])], constant_values=-1)
@@ -160,8 +207,8 @@ def scann_rows(layer: tfrs.layers.factorized_top_k.ScaNN, queries: np.ndarray,
 
 @dataclasses.dataclass(frozen=True)
 class TunedScann:
-  """A ScaNN layer whose recall was measured, with the history of the tuning."""
-  layer: tfrs.layers.factorized_top_k.ScaNN
+  """A ScaNN index whose recall was measured, with the history of the tuning."""
+  layer: ScannIndex
   params: ScannParams
   recall: dict[int, float]
   num_queries: int

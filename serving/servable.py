@@ -31,9 +31,9 @@ import dataclasses  # noqa: E402
 from typing import Mapping, Optional  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
-import tensorflow_recommenders as tfrs  # noqa: E402
 
 from models import features as features_lib  # noqa: E402
+from serving import index as index_lib  # noqa: E402
 
 SERVING_DEFAULT = "serving_default"
 RETRIEVE = "retrieve"
@@ -255,18 +255,20 @@ class ExactRetriever(Retriever):
 
 
 class ScannRetriever(Retriever):
-  """ScaNN search (tfrs ScaNN layer); loading needs ScaNN's ops (`import scann`).
+  """ScaNN search (index.ScannIndex); loading needs ScaNN's ops (`import scann`).
 
   A search returns at most `num_reordering_candidates` neighbours, so max_k is
-  that count (or the corpus size), and `retrieve` fetches at most max_k before
-  dropping exclusions: a row whose exclusions crowd its top max_k gets fewer than
-  k items (padded). The layer keeps its own copy of the embeddings for the
-  reorder, so this export is about twice the exact one's size.
+  that count (or the corpus size). The index searches enough leaves for the
+  neighbours fetched, so a request gets k real items for every k up to max_k;
+  `retrieve` fetches at most max_k before dropping exclusions, so a row whose
+  exclusions crowd its top max_k gets fewer than k items (padded). The index
+  keeps its own copy of the embeddings for the reorder, so this export is about
+  twice the exact one's size.
   """
 
   def __init__(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
                item_ids: tf.Tensor, item_embeddings: tf.Tensor, temperature: float,
-               k: int, max_history: int, index: tfrs.layers.factorized_top_k.ScaNN,
+               k: int, max_history: int, index: index_lib.ScannIndex,
                num_reordering_candidates: int, name: str = "retrieval_scann"):
     num_items = int(tf.shape(item_ids)[0])
     limit = min(num_items, num_reordering_candidates)
@@ -279,7 +281,7 @@ class ScannRetriever(Retriever):
     return self._limit
 
   def _search(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    # The op returns fewer columns than k when it finds fewer; NaN marks the gaps.
+    # NaN scores mark gaps; ScannIndex leaves none while k <= max_k.
     return self.index(queries, k=k)
 
   def save_options(self) -> tf.saved_model.SaveOptions:

@@ -22,8 +22,29 @@ import tensorflow as tf  # noqa: E402
 _STAGING_PREFIX = ".staging-"
 
 
+def require_directory(path: str) -> None:
+  """Raises NotADirectoryError if `path`, or its nearest existing parent, is a file.
+
+  No version could be listed or written under it; without this check a file at
+  W/exports would read as "no versions yet" and versions would restart at 1.
+  """
+  while not tf.io.gfile.exists(path):
+    parent = os.path.dirname(path.rstrip("/"))
+    if not parent or parent == path:
+      return
+    path = parent
+  if not tf.io.gfile.isdir(path):
+    raise NotADirectoryError(f"{path}: exists but is not a directory; exports cannot "
+                             "be listed or written under it (move it away)")
+
+
 def list_versions(base_dir: str) -> list[int]:
-  """The published versions under `base_dir`, ascending ([] when it does not exist)."""
+  """The published versions under `base_dir`, ascending ([] when it does not exist).
+
+  Raises:
+    NotADirectoryError: `base_dir` or a parent of it is a file (require_directory).
+  """
+  require_directory(base_dir)
   if not tf.io.gfile.isdir(base_dir):
     return []
   names = (name.rstrip("/") for name in tf.io.gfile.listdir(base_dir))
@@ -36,13 +57,16 @@ def latest_version_dir(base_dir: str) -> str | None:
   return os.path.join(base_dir, str(versions[-1])) if versions else None
 
 
-def next_version(*base_dirs: str) -> int:
-  """One more than the newest version in any of `base_dirs` (1 when none exists).
+def next_version(*base_dirs: str, min_version: int = 1) -> int:
+  """One more than the newest version in any of `base_dirs`, and at least `min_version`.
 
   Taking the maximum over all variants gives the ScaNN and exact exports of one
   model the same number, and a number never reused after a partial export.
+  `min_version` is a high-water mark kept elsewhere (the daily manifest): with it,
+  versions do not restart at 1 when the export directories were lost.
   """
-  return 1 + max((v for base in base_dirs for v in list_versions(base)), default=0)
+  return max(min_version,
+             1 + max((v for base in base_dirs for v in list_versions(base)), default=0))
 
 
 def staging_dir(base_dir: str, version: int) -> str:

@@ -3,6 +3,7 @@
 import gzip
 import os
 import random
+import re
 
 import apache_beam as beam
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -124,3 +125,41 @@ def test_stale_attempts_are_removed_and_nothing_else(tmp_path):
   assert [os.path.basename(r) for r in removed] == [".old-2024-01-01-bbb",
                                                      ".tmp-2024-01-01-aaa"]
   assert sorted(os.listdir(f"{tmp_path}/data")) == [".tmp-2024-01-02-ccc", "2024-01-01"]
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_partition_files_are_the_files_directly_in_it(tmp_path, monkeypatch, local):
+  # local=False lists through Beam's match, as on gs:// (no symbolic links there).
+  monkeypatch.setattr(io, "is_local_path", lambda path: local)
+  part = f"{tmp_path}/logs/2024-01-01"
+  for name in ("b.jsonl", "a.jsonl.gz", ".hidden", "_SUCCESS", ".tmp/x.jsonl",
+               "_temporary/0/x.jsonl"):
+    _write(f"{part}/{name}", b"{}\n")
+  os.makedirs(f"{part}/empty_folder")
+  assert io.partition_files(part) == [f"{part}/a.jsonl.gz", f"{part}/b.jsonl"]
+  assert io.partition_names(f"{tmp_path}/logs") == ["2024-01-01"]
+  assert io.partition_files(f"{tmp_path}/logs/2024-01-02") == []
+  _write(f"{part}/sub/c.jsonl", b"{}\n")
+  with pytest.raises(io.PartitionLayoutError,
+                     match=re.escape(f"{part}/sub/c.jsonl (in a subfolder)")):
+    io.partition_files(part)
+
+
+def test_partition_files_refuse_dangling_and_followed_links(tmp_path):
+  part = f"{tmp_path}/logs/2024-01-01"
+  _write(f"{part}/a.jsonl", b"{}\n")
+  _write(f"{tmp_path}/elsewhere/x.jsonl", b"{}\n")
+  os.symlink(f"{tmp_path}/elsewhere/x.jsonl", f"{part}/linked.jsonl")   # read
+  os.symlink(f"{tmp_path}/missing.jsonl", f"{part}/.hidden_link")       # not read
+  os.symlink(part, f"{part}/_loop")                                      # hidden
+  assert io.partition_files(part) == [f"{part}/a.jsonl", f"{part}/linked.jsonl"]
+  os.symlink(f"{tmp_path}/missing.jsonl", f"{part}/dangling.jsonl")
+  os.symlink(f"{tmp_path}/elsewhere", f"{part}/linked_folder")
+  os.symlink(part, f"{part}/loop")  # its files are the partition's own: walked once
+  with pytest.raises(io.PartitionLayoutError) as raised:
+    io.partition_files(part)
+  assert str(raised.value) == (
+      f"{part} holds 2 file(s) that the job would not read: "
+      f"{part}/dangling.jsonl (a dangling symbolic link to {tmp_path}/missing.jsonl); "
+      f"{part}/linked_folder/x.jsonl (in a subfolder). Only files directly in a "
+      "partition are read: move or remove these.")

@@ -87,24 +87,76 @@ def test_join_gives_known_items_their_features_and_counts_unknown_ones():
     assert_that(joined.unknown_items, equal_to(["u", "u"]), label="unknown")
 
 
-def test_attach_histories_carries_state_cuts_it_and_derives_seeds():
+def _check_histories(events, state, expected_events, expected_state, expected_users=None,
+                     **kwargs):
+  """Runs AttachHistories and asserts (event_id, history, seed), state and users."""
   item = schema.CatalogItem(item_id="x")
-  events = [(_event("b", 20, "u1", "i2"), item),
-            (_event("a", 20, "u1", "i1", seed="s"), item),   # same time: a first
-            (_event("c", 30, "u1", "i3"), item),
-            (_event("d", 5, "u2", "i9"), item)]
-  state = [("u1", ("old1", "old2")), ("u3", ("kept",))]
   with _pipeline() as p:
-    result = ({"events": p | "Events" >> beam.Create(events),
+    result = ({"events": p | "Events" >> beam.Create([(e, item) for e in events]),
                history.STATE: p | "State" >> beam.Create(state)}
-              | history.AttachHistories(max_history=2))
-    assert_that(
-        result.events | beam.Map(lambda e: (e[0].event_id, e[2], e[3])),
-        equal_to([("a", ("old1", "old2"), "s"), ("b", ("i1", "old1"), "i1"),
-                  ("c", ("i2", "i1"), "i2"), ("d", (), "")]), label="events")
-    assert_that(result[history.STATE], equal_to([
-        ("u1", ("i3", "i2")), ("u2", ("i9",)), ("u3", ("kept",))]), label="state")
-    assert_that(result[history.USERS], equal_to(["u1", "u2"]), label="users")
+              | history.AttachHistories(**kwargs))
+    assert_that(result.events | beam.Map(lambda e: (e[0].event_id, e[2], e[3])),
+                equal_to(expected_events), label="events")
+    assert_that(result[history.STATE], equal_to(expected_state), label="state")
+    if expected_users is not None:
+      assert_that(result[history.USERS], equal_to(expected_users), label="users")
+
+
+def test_attach_histories_carries_state_cuts_it_and_derives_seeds():
+  _check_histories(
+      [_event("b", 20, "u1", "i2"), _event("a", 20, "u1", "i1", seed="s"),
+       _event("c", 30, "u1", "i3"), _event("d", 5, "u2", "i9")],
+      [("u1", (("old1", 10), ("old2", 9))), ("u3", (("kept", 1),))],
+      [("a", ("old1", "old2"), "s"), ("b", ("old1", "old2"), "old1"),
+       ("c", ("i2", "i1"), "i2"), ("d", (), "")],
+      [("u1", (("i3", 30), ("i2", 20))), ("u2", (("i9", 5),)), ("u3", (("kept", 1),))],
+      ["u1", "u2"], max_history=2)
+
+
+def test_same_second_events_do_not_enter_each_others_history():
+  _check_histories(
+      [_event("a", 20, "u", "i1"), _event("b", 20, "u", "i2"),
+       _event("c", 21, "u", "i3"), _event("d", 21, "u", "i4", seed="s")], [],
+      [("a", (), ""), ("b", (), ""), ("c", ("i2", "i1"), "i2"), ("d", ("i2", "i1"), "s")],
+      [("u", (("i4", 21), ("i3", 21), ("i2", 20), ("i1", 20)))])
+
+
+def test_carried_items_after_an_event_stay_out_of_its_history():
+  # The state holds an item of the next day (an early event of the previous partition).
+  _check_histories(
+      [_event("late", 100, "u", "i1"), _event("on_time", 600, "u", "i2")],
+      [("u", (("future", 500), ("recent", 90), ("old", 10)))],
+      [("late", ("recent", "old"), "recent"), ("on_time", ("future", "i1"), "future")],
+      [("u", (("i2", 600), ("future", 500)))], max_history=2)
+
+
+def test_the_state_keeps_what_a_late_event_of_a_later_day_can_need():
+  events = [_event(f"e{t}", t, "u", f"i{t}") for t in (10, 20, 30, 40, 50)]
+  # Every item from keep_from_ts on, and the max_history items before it.
+  _check_histories(
+      events, [],
+      [("e10", (), ""), ("e20", ("i10",), "i10"), ("e30", ("i20", "i10"), "i20"),
+       ("e40", ("i30", "i20"), "i30"), ("e50", ("i40", "i30"), "i40")],
+      [("u", (("i50", 50), ("i40", 40), ("i30", 30), ("i20", 20)))],
+      max_history=2, keep_from_ts=40)
+  _check_histories(events[:1], [], [("e10", (), "")], [("u", ())],
+                   max_history=0, keep_from_ts=60)
+
+
+def test_history_state_lines_round_trip_and_old_lines_still_load():
+  entries = (("i9", 200), ("i4", 200), ("i1", 7))
+  line = history.history_line("u1", entries)
+  assert json.loads(line) == {"user_id": "u1", "items": ["i9", "i4", "i1"],
+                              "timestamps": [200, 200, 7]}
+  assert history.parse_history_line(io.RawLine("f", 1, line, len(line))) == ("u1", entries)
+  old = b'{"user_id":"u2","items":["a","b"]}'
+  assert history.parse_history_line(io.RawLine("f", 2, old, len(old))) == (
+      "u2", (("a", history.LEGACY_TIMESTAMP), ("b", history.LEGACY_TIMESTAMP)))
+  for bad in (b'{"user_id":"u","items":["a","b"],"timestamps":[1,2]}',
+              b'{"user_id":"u","items":["a"],"timestamps":["1"]}',
+              b'{"user_id":"u","items":["a"],"timestamps":[1,2]}'):
+    with pytest.raises(history.CorruptHistoryError, match="f:3: bad history state line"):
+      history.parse_history_line(io.RawLine("f", 3, bad, len(bad)))
 
 
 def test_encoded_cogroup_matches_beams_cogroup():

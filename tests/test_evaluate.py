@@ -9,9 +9,9 @@ corpus of n one-hot items, the query for seed item s ranks items s+1, s+2, ...
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -29,41 +29,6 @@ ITEMS = [f"i{j:03d}" for j in range(N)]
 D = tl.DAY
 P1 = D - datetime.timedelta(days=3)  # two earlier data days: training data
 P2 = D - datetime.timedelta(days=1)
-
-
-class _ItemIndex(tf.keras.layers.Layer):
-  """Item id -> position in ITEMS (-1 when unknown)."""
-
-  def __init__(self, **kwargs):
-    super().__init__(**kwargs)
-    self.table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(tf.constant(ITEMS), tf.range(N)), -1)
-
-  def call(self, ids):
-    return self.table.lookup(ids)
-
-
-class RotationQueryTower(tf.keras.Model):
-  """Seed s -> unit vector scoring item j by n - ((j - s - 1) mod n): s+1 first."""
-
-  def __init__(self):
-    super().__init__()
-    self.lookup = _ItemIndex()
-
-  def call(self, features):
-    seed = self.lookup(features["seed_item_id"])
-    offsets = tf.math.floormod(tf.range(N)[tf.newaxis, :] - seed[:, tf.newaxis] - 1, N)
-    return tf.math.l2_normalize(tf.cast(N - offsets, tf.float32), axis=-1)
-
-
-class OneHotCandidateTower(tf.keras.Model):
-
-  def __init__(self):
-    super().__init__()
-    self.lookup = _ItemIndex()
-
-  def call(self, features):
-    return tf.one_hot(self.lookup(features["item_id"]), N)
 
 
 def test_hit_ranks_and_recall():
@@ -138,13 +103,13 @@ def _write_world(workdir):
 def hand_world(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("eval"))
   _write_world(workdir)
-  model = types.SimpleNamespace(query_tower=RotationQueryTower(),
-                                candidate_tower=OneHotCandidateTower())
+  # Seed s ranks s+1, s+2, ... (mod N) first: item j scores N - ((j - s - 1) mod N).
+  model = tl.planted_towers(ITEMS, [[(s + 1 + r) % N for r in range(N)] for s in range(N)])
   # All 11 leaves searched and all 120 items reordered: ScaNN is exact here.
   params = index.ScannParams(num_leaves=11, num_leaves_to_search=11,
                              num_reordering_candidates=N)
   exported = export.export_day(model, tl.tiny_config(), workdir, P2, k=100,
-                               scann_params=params)
+                               scann_params=params, trained=(P2, 3, True))
   metrics = evaluate.evaluate_day(workdir, D, exported["scann_dir"],
                                   exported["exact_dir"])
   return workdir, exported, metrics
@@ -229,22 +194,44 @@ def test_retrieve_signature_excludes_and_pads(hand_world):
   assert np.isneginf(out["scores"].numpy()[0, 2:]).all()
 
 
-def test_evaluate_cli_defaults_to_exports_from_before_the_day(hand_world, tmp_path):
-  workdir, exported, metrics = hand_world
-  os.remove(os.path.join(workdir, "eval", D.isoformat(), "metrics.json"))
+def _publish_copy(workdir, model_name, source, version, day):
+  """Publishes a copy of version `source` of `model_name` as `version`, labelled `day`."""
+  base = export.export_base(workdir, model_name)
+  shutil.copytree(os.path.join(base, str(source)), os.path.join(base, str(version)))
+  path = os.path.join(base, str(version), "assets.extra", export.METADATA_FILE)
+  with open(path) as f:
+    meta = json.load(f)
+  meta.update(version=version, day=day.isoformat())
+  with open(path, "w") as f:
+    json.dump(meta, f)
+
+
+def test_evaluate_cli_scores_both_exports_of_the_newest_version_before_the_day(
+    hand_world, tmp_path):
+  source, exported, metrics = hand_world
+  workdir = str(tmp_path / "w")
+  shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("eval"))
+  # Version 1 is labelled P2. Version 2 (P2) crashed between its publications:
+  # ScaNN only. Version 3 is labelled D: trained on D, it must not score D.
+  assert exported["version"] == 1
+  _publish_copy(workdir, export.SCANN_MODEL, 1, 2, P2)
+  for name in (export.SCANN_MODEL, export.EXACT_MODEL):
+    _publish_copy(workdir, name, 1, 3, D)
   env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
   result = subprocess.run(
       [sys.executable, "-m", "serving.evaluate", f"--workdir={workdir}",
-       f"--date={D.isoformat()}"], env=env, capture_output=True, text=True, timeout=120)
+       f"--date={D.isoformat()}"], env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "eval", D.isoformat(), "metrics.json")) as f:
     written = json.load(f)
   assert written["recall"] == metrics["recall"]
-  assert written["exports"]["scann"]["dir"] == exported["scann_dir"]
-  # The only export is from P2, so day P1 has none to score.
+  for variant, name in (("scann", export.SCANN_MODEL), ("exact", export.EXACT_MODEL)):
+    assert written["exports"][variant]["dir"] == os.path.join(
+        export.export_base(workdir, name), "1")
+  # The only exports are labelled P2 and D, so day P1 has none to score.
   result = subprocess.run(
       [sys.executable, "-m", "serving.evaluate", f"--workdir={workdir}",
-       f"--date={P1.isoformat()}"], env=env, capture_output=True, text=True, timeout=120)
+       f"--date={P1.isoformat()}"], env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert "no export from a day before" in result.stderr
 

@@ -16,9 +16,11 @@ import tensorflow as tf
 
 from models import features
 from pipeline import history
+from pipeline import io
 from pipeline import logs_to_tfrecords
 from pipeline import schema
 from pipeline import synthetic
+from pipeline import workdir_lock
 
 DAY = dt.date(2024, 3, 10)
 START, END = schema.day_bounds(DAY)
@@ -338,3 +340,104 @@ def test_a_rerun_gives_the_same_bytes_and_clears_a_crashed_attempt(tmp_path):
   assert second == first
   assert not os.path.exists(crashed)
   assert history.load_histories(workdir, DAY)["u3"] == ["i8"]
+
+
+def test_a_late_event_gets_only_items_from_before_it(tmp_path):
+  # Partition DAY holds an early event of the next day (00:30), partition DAY + 1 a
+  # late event of DAY (23:30): the late event must not see the 00:30 item, and the
+  # carried state must still hold the item it needs although max_history is 1.
+  workdir = str(tmp_path)
+  day2 = DAY + dt.timedelta(days=1)
+  _write(f"{workdir}/logs/{DAY}/a.jsonl", [
+      _event("a", START + 100, "u1", "before"), _event("b", END + 1800, "u1", "after")])
+  _write(f"{workdir}/logs/{day2}/a.jsonl", [
+      _event("late", END - 1800, "u1", "late_item"),
+      _event("next", END + 3600, "u1", "next_item")])
+  logs_to_tfrecords.run_day(DAY, workdir, max_history=1)
+  assert history.load_histories(workdir, DAY, with_timestamps=True) == {
+      "u1": [("after", END + 1800), ("before", START + 100)]}
+  logs_to_tfrecords.run_day(day2, workdir, max_history=1)
+  assert [(r["event_id"], r["history_item_ids"], r["seed_item_id"])
+          for _, r in _examples(workdir, day2)] == [("late", ["before"], "before"),
+                                                    ("next", ["after"], "after")]
+  assert history.load_histories(workdir, day2, with_timestamps=True) == {
+      "u1": [("next_item", END + 3600)]}
+
+
+def test_lone_surrogates_are_bad_encoding_dead_letters_in_logs_and_catalog(tmp_path):
+  workdir = str(tmp_path)
+  # json.dumps writes lone surrogates as \ud800 escapes, as a buggy producer would.
+  _write(f"{workdir}/catalog/{DAY - dt.timedelta(days=1)}/c.jsonl", [
+      json.dumps({"item_id": "i1", "topics": ["t1"]}),
+      json.dumps({"item_id": "i2", "topics": ["t\ud800"]})])
+  _write(f"{workdir}/logs/{DAY}/a.jsonl", [
+      _event("e1", START + 1, "u1", "i1"), _event("e2", START + 2, "u\udfff", "i1"),
+      _event("e3", START + 3, "u1", "i2", device="\ud83d")])
+  stats = logs_to_tfrecords.run_day(DAY, workdir)
+  assert (stats["examples"], stats["dead_letters_by_reason"]) == (1, {"bad_encoding": 2})
+  assert stats["catalog"]["dead_letters_by_reason"] == {"bad_encoding": 1}
+  dead = []
+  for kind in ("logs", "catalog"):
+    with open(f"{workdir}/data/{DAY}/dead_letter-{kind}-00000-of-00001.jsonl") as f:
+      dead += [(os.path.basename(d["file"]), d["line_number"], d["reason"])
+               for d in map(json.loads, f)]
+  assert dead == [("a.jsonl", 2, "bad_encoding"), ("a.jsonl", 3, "bad_encoding"),
+                  ("c.jsonl", 2, "bad_encoding")]
+
+
+def test_a_far_future_timestamp_is_a_dead_letter_whatever_the_skew(tmp_path):
+  workdir = str(tmp_path)
+  _write(f"{workdir}/logs/{DAY}/a.jsonl", [
+      _event("e1", START + 1, "u1", "i1"), _event("e2", 1e25, "u1", "i1")])
+  stats = logs_to_tfrecords.run_day(DAY, workdir, max_skew_s=10**30)
+  assert (stats["examples"], stats["dead_letters_by_reason"]) == (1, {"bad_timestamp": 1})
+
+
+@pytest.mark.parametrize("where", ["logs", "catalog"])
+@pytest.mark.parametrize("what", ["subfolder", "dangling_link"])
+def test_files_the_job_would_not_read_fail_the_day_naming_them(tmp_path, where, what):
+  workdir = str(tmp_path)
+  _write(f"{workdir}/logs/{DAY}/a.jsonl", [_event("e1", START + 1, "u1", "i1")])
+  _write(f"{workdir}/catalog/{DAY}/c.jsonl", [json.dumps({"item_id": "i1"})])
+  # Not read for DAY, so not checked: a later catalog partition, hidden folders.
+  _write(f"{workdir}/catalog/{DAY + dt.timedelta(days=1)}/sub/c.jsonl", ["{}"])
+  _write(f"{workdir}/{where}/{DAY}/_temporary/0/c.jsonl", ["{}"])
+  partition = f"{workdir}/{where}/{DAY}"
+  if what == "subfolder":
+    unread = f"{partition}/sub/b.jsonl"
+    _write(unread, ["{}"])
+  else:
+    unread = f"{partition}/b.jsonl"
+    os.symlink(f"{workdir}/nowhere.jsonl", unread)
+  with pytest.raises(FileNotFoundError, match=re.escape(unread)) as raised:
+    logs_to_tfrecords.run_day(DAY, workdir)
+  assert isinstance(raised.value, io.PartitionLayoutError)
+  assert "_temporary" not in str(raised.value)
+  assert not os.path.exists(f"{workdir}/data")
+
+
+def test_settings_out_of_range_are_one_line_errors(tmp_path):
+  workdir = str(tmp_path)
+  _write(f"{workdir}/logs/{DAY}/a.jsonl", [_event("e1", START + 1, "u1", "i1")])
+  with pytest.raises(ValueError, match="corpus_shards must be >= 1, not 0"):
+    logs_to_tfrecords.run_day(DAY, workdir, corpus_shards=0)
+  result = subprocess.run(
+      [sys.executable, "-m", "pipeline.logs_to_tfrecords", f"--workdir={workdir}",
+       f"--date={DAY}", "--corpus_shards=0"],
+      cwd=REPO, capture_output=True, text=True)
+  assert result.returncode != 0
+  assert "--corpus_shards=0" in result.stderr and "Traceback" not in result.stderr
+  assert not os.path.exists(f"{workdir}/data")
+
+
+def test_the_standalone_job_is_refused_while_another_process_holds_the_workdir(tmp_path):
+  workdir = str(tmp_path)
+  _write(f"{workdir}/logs/{DAY}/a.jsonl", [_event("e1", START + 1, "u1", "i1")])
+  with workdir_lock.WorkdirLock(workdir):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.logs_to_tfrecords", f"--workdir={workdir}",
+         f"--date={DAY}"], cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 2
+  assert f"error: {workdir}/.lock is held by pid {os.getpid()}" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(f"{workdir}/data")

@@ -107,6 +107,37 @@ def test_align_weights_pads_with_one_and_masks_absent():
   np.testing.assert_array_equal(
       layers.align_weights(tf.constant([[0.5, 2.0, 7.0, 7.0], [3.0, 0.0, 0.0, 7.0]]),
                            topics), [[0.5, 2.0, 0.0], [3.0, 0.0, 0.0]])
+  # Fewer weight columns than topic columns is fine while the extra columns are "".
+  np.testing.assert_array_equal(
+      layers.align_weights(tf.constant([[0.5, 2.0], [3.0, 0.0]]), topics),
+      [[0.5, 2.0, 0.0], [3.0, 0.0, 0.0]])
+
+
+def test_align_weights_refuses_a_topic_without_a_weight():
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="topics and weights differ in length"):
+    layers.align_weights(tf.constant([[0.5, 2.0], [1.0, 1.0]]),
+                         tf.constant([["a", "b", ""], ["c", "d", "e"]]))
+
+
+def test_parsing_refuses_topics_and_weights_of_different_lengths():
+  good = {"item_id": "i1", "item_topics": ["a", "b", "c"],
+          "item_topic_weights": [1.0, 2.0, 3.0]}
+  bad = {"item_id": "i2", "item_topics": ["a", "b", "c"], "item_topic_weights": [1.0, 2.0]}
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="topics and weights differ in length: Example 1 of the batch "
+                     "has 3 item_topics and 2 item_topic_weights"):
+    batch([good, bad])
+  with pytest.raises(tf.errors.InvalidArgumentError, match="differ in length"):
+    batch([{"item_topics": [], "item_topic_weights": [1.0]}])
+
+
+def test_parsing_gives_an_example_without_weights_uniform_ones():
+  """Also in a batch where other Examples carry weights (they were 0.0 before)."""
+  parsed = batch([{"item_topics": ["a", "b"], "item_topic_weights": [0.5, 2.0]},
+                  {"item_topics": ["c", "d", "e"]}, {}])
+  np.testing.assert_array_equal(parsed["item_topic_weights"],
+                                [[0.5, 2.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
 
 
 # --- towers -------------------------------------------------------------------
@@ -182,6 +213,15 @@ def test_towers_export_in_a_saved_model(model, tmp_path):
   np.testing.assert_allclose(loaded.query(query), model.query_tower(query), atol=1e-6)
   np.testing.assert_allclose(loaded.candidate(candidate), model.candidate_tower(candidate),
                              atol=1e-6)
+  # 3 topics, 2 weights: refused inside the exported graph too.
+  mismatch = serving_candidate(item_topics=[["t1", "t2", "t3"]],
+                               item_topic_weights=[[1.0, 0.5]])
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="topics and weights differ in length"):
+    loaded.candidate(mismatch)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="topics and weights differ in length"):
+    model.candidate_tower(mismatch)
 
 
 # --- loss ---------------------------------------------------------------------
@@ -231,6 +271,43 @@ def test_loss_matches_hand_computation():
   assert abs(_softmax_loss(np.where(hits, -np.inf, logits), np.ones(6)) - want) > 1e-3
   # The estimator was updated by the training call exactly like the reference.
   np.testing.assert_allclose(model.estimator.estimate(tf.constant(ids)), p, rtol=1e-6)
+
+
+def test_expected_counts_above_one_change_the_logits():
+  """An estimated count of 4 gets a logit log 4 below a count of 1.
+
+  TFRS clips p to [1e-6, 1]: passed as is, 4 and 1 would give the same logit.
+  """
+  config = TINY.replace(correction="exact", estimator_options={
+      "method": "count", "count_multiplicity": True, "max_probability": 64.0})
+  model = TwoTowerModel(config)
+  for step in (1, 2, 3):  # "a" 4 times a batch, "b", "c" and "d" once
+    model.estimator(tf.constant(["a"] * 4 + ["b", "c", "d"]), tf.constant(step, tf.int64))
+  ids = ["a", "b", "c", "d"]
+  p = model.estimator.estimate(tf.constant(ids)).numpy().astype(np.float64)
+  np.testing.assert_allclose(p, [4.0, 1.0, 1.0, 1.0], rtol=1e-6)
+  inputs = batch([{"user_id": f"u{i}", "item_id": item, "seed_item_id": "a",
+                   "timestamp": 1_700_000_000 + 3600 * i} for i, item in enumerate(ids)])
+  u, v = (x.numpy().astype(np.float64) for x in model(inputs))
+
+  got = float(model.compute_loss(inputs, training=False))
+
+  scores = u @ v.T / config.temperature
+  want = _softmax_loss(scores - np.log(p)[None, :], np.ones(4))
+  clipped = _softmax_loss(scores - np.log(np.minimum(p, 1.0))[None, :], np.ones(4))
+  assert got == pytest.approx(want, rel=1e-5)
+  assert abs(clipped - want) > 1e-2, "the counts do not tell the losses apart"
+
+
+def test_count_multiplicity_caps_the_estimate_at_the_batch_size():
+  """Not at 1, the estimators' default, where counts above 1 could not show."""
+  options = {"count_multiplicity": True}
+  for correction in ("streaming", "exact"):
+    config = TINY.replace(correction=correction, batch_size=16, estimator_options=options)
+    assert make_frequency_estimator(config).max_probability == 16.0
+    explicit = config.replace(estimator_options={**options, "max_probability": 5.0})
+    assert make_frequency_estimator(explicit).max_probability == 5.0
+  assert make_frequency_estimator(TINY).max_probability == 1.0
 
 
 def test_loss_without_correction_and_read_only_evaluation():

@@ -1,5 +1,7 @@
 """ScaNN parameter choice and tuning, versions, warm-up records, the TF Serving config."""
 
+import datetime
+import json
 import os
 
 from google.protobuf import text_format
@@ -54,7 +56,9 @@ def test_recall_against_exact_counts_ties_and_padding():
 def test_tune_scann_widens_a_poor_start_until_the_bar_is_met():
   embeddings = _clustered(4000, 16, seed=0)
   queries = _clustered(200, 16, seed=1)
-  poor = index.ScannParams(num_leaves=64, num_leaves_to_search=1,
+  # 1 of 32 leaves reaches recall@10 of about 0.5; the widest retune (16 of 32
+  # leaves, 320 reordered) about 0.998: wide margins on both sides of the bar.
+  poor = index.ScannParams(num_leaves=32, num_leaves_to_search=1,
                            num_reordering_candidates=20)
   tuned = index.tune_scann(embeddings, queries, k=20, max_fetch=20, min_recall=0.95,
                            params=poor)
@@ -77,14 +81,39 @@ def test_tune_scann_fails_clearly_when_the_bar_is_out_of_reach():
     index.tune_scann(embeddings, embeddings[:0], k=10, max_fetch=10)
 
 
-def test_scann_pads_short_results_with_minus_one():
+def test_scann_searches_enough_leaves_for_k_and_pads_beyond_its_reorder():
   embeddings = _clustered(50, 8, seed=3)
+  # One leaf of 10 searched by default, too few points for 30 neighbours: the
+  # index widens the search for k.
   layer = index.build_scann(embeddings, index.ScannParams(10, 1, 50), k=5)
   rows = index.scann_rows(layer, embeddings[:4], 30)
+  assert int(layer.leaves_for(30)) > 1
+  assert (rows >= 0).all() and (rows < 50).all()
+  assert all(len(set(row)) == 30 for row in rows.tolist())
+  # At most num_reordering_candidates come back: the rest is padding.
+  layer = index.build_scann(embeddings, index.ScannParams(10, 1, 20), k=5)
+  rows = index.scann_rows(layer, embeddings[:4], 30)
   assert rows.shape == (4, 30)
-  # One leaf of 50 items in 10 cannot hold 30 neighbours: the rest is padding.
-  assert (rows == -1).any()
-  assert ((rows >= 0) & (rows < 50) | (rows == -1)).all()
+  assert ((rows[:, :20] >= 0) & (rows[:, :20] < 50)).all()
+  assert (rows[:, 20:] == -1).all()
+
+
+def test_scann_returns_k_distinct_items_up_to_its_reorder_on_1100_items():
+  embeddings = _clustered(1100, 16, seed=4)
+  queries = _clustered(300, 16, seed=5)
+  params = index.scann_params(1100, max_fetch=105)  # k=100 plus a history of 5
+  assert (params.num_leaves, params.num_leaves_to_search,
+          params.num_reordering_candidates) == (33, 10, 420)
+  layer = index.build_scann(embeddings, params, k=100)
+  cover = layer.leaf_cover.numpy()
+  # The searched leaves of a query may hold as few as cover[9] points: fewer than 420.
+  assert cover[params.num_leaves_to_search - 1] < 420 and cover[-1] == 1100
+  leaves = int(layer.leaves_for(420))
+  assert cover[leaves - 1] >= 420 > cover[leaves - 2]
+  for k in (100, 300, 420):
+    rows = index.scann_rows(layer, queries, k)
+    assert (rows >= 0).all(), k
+    assert all(len(set(row)) == k for row in rows.tolist()), k
 
 
 def test_versions_grow_publish_atomically_and_never_overwrite(tmp_path):
@@ -112,6 +141,67 @@ def test_versions_grow_publish_atomically_and_never_overwrite(tmp_path):
     versions.publish(again, scann_base, 4)
   assert versions.remove_stale_staging(scann_base) == 1
   assert os.listdir(scann_base) == ["4"]
+
+
+def test_versions_never_go_backwards_and_a_file_is_named(tmp_path):
+  scann_base = str(tmp_path / "exports" / "scann")
+  exact_base = str(tmp_path / "exports" / "exact")
+  # The export directories were lost: the caller's high-water mark still counts.
+  assert versions.next_version(scann_base, exact_base, min_version=8) == 8
+  os.makedirs(os.path.join(exact_base, "9"))
+  assert versions.next_version(scann_base, exact_base, min_version=8) == 10
+  assert versions.next_version(scann_base, exact_base) == 10
+  # W/exports (or a base) a file: a clear error, not versions restarting at 1.
+  other = tmp_path / "other"
+  other.write_text("not a directory")
+  for base in (str(other), str(other / "retrieval_exact")):
+    with pytest.raises(NotADirectoryError, match=f"{other}: exists but is not a dir"):
+      versions.next_version(base)
+
+
+def _metadata_only_export(workdir, model_name, version, values):
+  """A version directory holding only assets.extra/metadata.json (str: raw text)."""
+  directory = os.path.join(export.export_base(workdir, model_name), str(version),
+                           "assets.extra")
+  os.makedirs(directory)
+  with open(os.path.join(directory, export.METADATA_FILE), "w") as f:
+    f.write(values if isinstance(values, str) else json.dumps(values))
+  return os.path.dirname(directory)
+
+
+def test_exports_before_is_the_newest_version_labelled_before_the_day(tmp_path):
+  workdir = str(tmp_path)
+  d1, d2, d3 = (datetime.date(2024, 3, 1) + datetime.timedelta(days=i) for i in range(3))
+  assert export.exports_before(workdir, d3) is None  # no W/exports yet
+  found = {}
+  for version, day in ((1, d1), (2, d2), (3, d3)):  # 3: day d3, trained on d3
+    found[version] = tuple(
+        _metadata_only_export(workdir, name, version, {"day": day.isoformat()})
+        for name in (export.SCANN_MODEL, export.EXACT_MODEL))
+  # A crash between the two publications: ScaNN 4 without its exact twin.
+  _metadata_only_export(workdir, export.SCANN_MODEL, 4, {"day": d2.isoformat()})
+  assert export.exports_before(workdir, d3) == found[2]  # one version for both
+  assert export.exports_before(workdir, d3 + datetime.timedelta(days=1)) == found[3]
+  assert export.exports_before(workdir, d2) == found[1]
+  assert export.exports_before(workdir, d1) is None
+
+  _metadata_only_export(workdir, export.EXACT_MODEL, 5, {"day": d1.isoformat()})
+  with pytest.raises(FileNotFoundError, match="retrieval_scann/5: missing, though its "
+                                              "exact twin"):
+    export.exports_before(workdir, d3)
+  bad = _metadata_only_export(workdir, export.EXACT_MODEL, 6, '{"day": ')
+  with pytest.raises(ValueError, match=f"{bad}/assets.extra/metadata.json: line 1: "
+                                       "unreadable metadata"):
+    export.exports_before(workdir, d3)
+  _metadata_only_export(workdir, export.EXACT_MODEL, 7, {"day": "yesterday"})
+  with pytest.raises(ValueError, match="\"day\" is 'yesterday', not a YYYY-MM-DD"):
+    export.exports_before(workdir, d3)
+
+  other = tmp_path / "other"
+  (other / "exports").parent.mkdir(exist_ok=True)
+  (other / "exports").write_text("a file where W/exports should be")
+  with pytest.raises(NotADirectoryError, match=f"{other / 'exports'}: exists but is not"):
+    export.exports_before(str(other), d3)
 
 
 def test_warmup_records_are_prediction_logs(tmp_path):

@@ -39,3 +39,19 @@ def test_package_import_sets_legacy_keras_in_fresh_process():
   env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
   subprocess.run([sys.executable, "-c", code], check=True, env=env,
                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_packages_silence_tensorflow_cpp_and_beam_import_noise_by_default():
+  code = ("import os, pipeline, models, serving; "
+          "import apache_beam.io.gcp.internal.clients.bigquery; "
+          "print(os.environ['TF_CPP_MIN_LOG_LEVEL'])")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  quiet = subprocess.run([sys.executable, "-c", code], env=env, cwd=root,
+                         capture_output=True, text=True, check=True)
+  assert quiet.stdout.split() == ["3"]
+  assert "apitools" not in quiet.stderr, quiet.stderr
+  # A level the user set is kept.
+  chosen = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                          text=True, check=True, env=dict(env, TF_CPP_MIN_LOG_LEVEL="1"))
+  assert chosen.stdout.split() == ["1"]
