@@ -9,6 +9,7 @@ STACK = [
     "tensorflow-recommenders==0.7.7",
     "scann[tf]==1.4.2",
     "apache-beam==2.77.0",
+    "google-crc32c>=1.5",  # TFRecord CRCs written by pipeline/writers.py
     "tensorflow-serving-api==2.20.0",
     # NumPy 2 (NEP 50 scalar promotion) is what the code is tested with; scann
     # 1.4.2 already needs numpy~=2.0, and apache-beam 2.77 numpy<2.5.
@@ -22,7 +23,7 @@ setuptools.setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10,<3.13",
-    packages=["pipeline", "models", "estimators", "serving"],
+    packages=["core", "estimators", "models", "serving", "evaluation", "pipeline"],
     install_requires=STACK,
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
 )

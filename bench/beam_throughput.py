@@ -33,7 +33,6 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
 _EVENTS = flags.DEFINE_integer("events", 1_000_000, "Events in the synthetic day.")
 _MODES = flags.DEFINE_list("modes", ["loop", "beam", "beam_mp2"], "What to run.")
@@ -53,20 +52,19 @@ MODE_ARGS = {
 
 def generate(root: str, events: int) -> dict[str, Any]:
   """One synthetic day: `events` events over events/50 users, 8 log files."""
-  from pipeline import synthetic  # pylint: disable=import-outside-toplevel
-  cfg = synthetic.WorldConfig(start_date=DAY, days=1, users=max(100, events // 50),
-                              items=max(1000, events // 20), events_per_day=events,
-                              shards=8, seed=0)
-  return synthetic.generate(root, cfg)
+  from pipeline import synthetic_world  # pylint: disable=import-outside-toplevel
+  cfg = synthetic_world.WorldConfig(start_date=DAY, days=1, users=max(100, events // 50),
+                                    items=max(1000, events // 20), events_per_day=events,
+                                    shards=8, seed=0)
+  return synthetic_world.generate(root, cfg)
 
 
-def plain_loop(logs: str, catalog: str, out_path: str,
-               max_history: int = 50) -> tuple[int, int]:
+def plain_loop(logs: str, catalog: str, out_path: str) -> tuple[int, int]:
   """The whole day's work in one Python loop; returns (lines read, examples written)."""
   import collections  # pylint: disable=import-outside-toplevel
   import glob  # pylint: disable=import-outside-toplevel
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from pipeline import io, schema, transforms  # pylint: disable=import-outside-toplevel
+  from models import features  # pylint: disable=import-outside-toplevel
+  from pipeline import io, records, schema, writers  # pylint: disable=import-outside-toplevel
 
   items = {}
   for path in sorted(glob.glob(os.path.join(catalog, "*", "*"))):
@@ -85,19 +83,19 @@ def plain_loop(logs: str, catalog: str, out_path: str,
         kept = events.get(event.event_id)
         if kept is None or event.timestamp < kept.timestamp:
           events[event.event_id] = event
-  histories = collections.defaultdict(lambda: collections.deque(maxlen=max_history))
-  count = 0
-  with tf.io.TFRecordWriter(out_path, options="GZIP") as writer:
+  histories = collections.defaultdict(
+      lambda: collections.deque(maxlen=features.MAX_HISTORY))
+
+  def examples():
     for event in sorted(events.values(), key=lambda e: (e.timestamp, e.event_id)):
       history = histories[event.user_id]
       previous = tuple(history)
       seed = event.seed_item_id or (previous[0] if previous else "")
       item = items.get(event.item_id) or schema.CatalogItem(item_id=event.item_id)
-      writer.write(transforms.serialize(
-          transforms.example_features(event, item, previous, seed)))
+      yield records.serialize(records.example_features(event, item, previous, seed))
       history.appendleft(event.item_id)
-      count += 1
-  return lines, count
+
+  return lines, writers.write_tfrecords(out_path, examples())
 
 
 def _peak_rss_mb() -> tuple[float, float]:
@@ -118,7 +116,7 @@ def _cpu_seconds() -> float:
 
 def run_child(mode: str, root: str, profile: bool) -> dict[str, Any]:
   """Runs one mode in this process and measures it."""
-  from pipeline import logs_to_tfrecords  # pylint: disable=import-outside-toplevel
+  from pipeline import beam_day  # pylint: disable=import-outside-toplevel
   logs, catalog = os.path.join(root, "logs"), os.path.join(root, "catalog")
   workdir = os.path.join(root, f"work-{mode}")
   shutil.rmtree(workdir, ignore_errors=True)
@@ -130,9 +128,8 @@ def run_child(mode: str, root: str, profile: bool) -> dict[str, Any]:
   if mode == "loop":
     lines, examples = plain_loop(logs, catalog, os.path.join(workdir, "examples.tfrecord.gz"))
   else:
-    stats = logs_to_tfrecords.run_day(DAY, workdir, logs=logs, catalog=catalog,
-                                      pipeline_args=MODE_ARGS[mode],
-                                      allow_missing_history=True)
+    stats = beam_day.run_day(DAY, workdir, beam_day.BeamSettings(allow_missing_history=True),
+                             logs=logs, catalog=catalog, pipeline_args=MODE_ARGS[mode])
     lines, examples = stats["input_lines"], stats["examples"]
   seconds, cpu = time.perf_counter() - start, _cpu_seconds() - start_cpu
   result = {"mode": mode, "lines": lines, "examples": examples,

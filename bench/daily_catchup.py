@@ -1,7 +1,7 @@
 r"""Fixed cost per day of a daily-job catch-up over tiny days (issue 7, "Catch-up").
 
 Generates `--days` synthetic days of `--events_per_day` events (default 200 x 500,
-MovieLens-100K's shape), then catches them all up with `pipeline.daily.run` in
+MovieLens-100K's shape), then catches them all up with `pipeline.daily_job.run` in
 this one process, from a fresh workdir. On days this small almost nothing scales
 with the data, so a day's wall time is its fixed cost: Beam start-up, restore,
 tracing, checkpoint and SavedModel writes, evaluation set-up. The table gives the
@@ -17,8 +17,8 @@ machine; the first day is reported apart (it traces and builds everything).
 from __future__ import annotations
 
 import cProfile
+import datetime as dt
 import io
-import json
 import os
 import pstats
 import shutil
@@ -31,11 +31,13 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from core import cli  # noqa: E402
+from core import workdir as workdir_lib  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from pipeline import app_flags  # noqa: E402
-from pipeline import daily  # noqa: E402
-from pipeline import synthetic  # noqa: E402
+from pipeline import daily_job  # noqa: E402
+from pipeline import synthetic_world  # noqa: E402
 
+_OUT = flags.DEFINE_string("out", "/tmp/towerstream_catchup", "Output root.")
 _DAYS = flags.DEFINE_integer("catchup_days", 200, "Days to catch up.")
 _EVENTS = flags.DEFINE_integer("catchup_events_per_day", 500, "Events per day.")
 _USERS = flags.DEFINE_integer("catchup_users", 943, "Synthetic users.")
@@ -44,7 +46,7 @@ _NEW_ITEMS = flags.DEFINE_integer("catchup_new_items_per_day", 5, "Items born a 
 _BATCH = flags.DEFINE_integer("catchup_batch_size", 128, "Training batch size.")
 _PROFILE = flags.DEFINE_bool("profile", False, "cProfile the catch-up; print the top.")
 
-STEPS = daily.STEPS
+STEPS = daily_job.STEPS
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
@@ -103,10 +105,10 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-  out = app_flags.OUT.value or "/tmp/towerstream_catchup"
+  out = _OUT.value
   raw = os.path.join(out, f"raw-{_DAYS.value}x{_EVENTS.value}")
   if not os.path.exists(os.path.join(raw, "catalog")):
-    synthetic.generate(raw, synthetic.WorldConfig(
+    synthetic_world.generate(raw, synthetic_world.WorldConfig(
         days=_DAYS.value, events_per_day=_EVENTS.value, users=_USERS.value,
         items=_ITEMS.value, new_items_per_day=_NEW_ITEMS.value, shards=1))
   dates = sorted(os.listdir(os.path.join(raw, "logs")))
@@ -117,9 +119,10 @@ def main(argv: Sequence[str]) -> None:
   start = time.perf_counter()
   if profiler:
     profiler.enable()
-  days = daily.run(workdir, start_date=dates[0], end_date=dates[-1],
-                   logs=os.path.join(raw, "logs"), catalog=os.path.join(raw, "catalog"),
-                   config=config, pipeline_args=argv[1:])
+  days = daily_job.run(
+      workdir_lib.Workdir(workdir, os.path.join(raw, "logs"), os.path.join(raw, "catalog")),
+      dt.date.fromisoformat(dates[0]), dt.date.fromisoformat(dates[-1]), config=config,
+      pipeline_args=argv[1:])
   if profiler:
     profiler.disable()
   wall = time.perf_counter() - start
@@ -131,9 +134,8 @@ def main(argv: Sequence[str]) -> None:
     buffer = io.StringIO()
     pstats.Stats(profiler, stream=buffer).sort_stats("cumulative").print_stats(60)
     print(buffer.getvalue())
-  with open(os.path.join(out, "daily_catchup.json"), "w") as f:
-    json.dump({**result, "table": text}, f, indent=1)
+  workdir_lib.write_json(os.path.join(out, "daily_catchup.json"), {**result, "table": text})
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+  app.run(main, flags_parser=cli.parse_flags_with_beam_options)

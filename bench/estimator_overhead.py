@@ -12,21 +12,17 @@ table reports the median time per step and the ratio, measured in one run.
 
 from __future__ import annotations
 
-import os
+import time
+from typing import Callable, Sequence
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import core  # noqa: F401  (first: sets the environment before TensorFlow loads)
+from absl import app
+from absl import flags
+import numpy as np
+import tensorflow as tf
 
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from typing import Callable, Sequence  # noqa: E402
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import estimators  # noqa: E402
+from core import workdir
+import estimators
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch_size", 1024, "Ids per batch.")
@@ -91,14 +87,6 @@ def _variants(batches: tf.Tensor) -> dict[str, Callable[[tf.Tensor], tf.Tensor]]
   return variants
 
 
-def _atomic_write_json(path: str, value: object) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False) as f:
-    json.dump(value, f, indent=1)
-  os.replace(f.name, path)
-
-
 def main(argv: Sequence[str]) -> None:
   del argv
   tf.get_logger().setLevel("ERROR")  # one tf.function per variant: no retrace noise
@@ -135,7 +123,7 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.json:
     names = ("batch_size", "num_buckets", "num_hashes", "num_items", "zipf_exponent",
              "embedding_rows", "embedding_dim", "steps_per_call", "repeats")
-    _atomic_write_json(FLAGS.json, {
+    workdir.write_json(FLAGS.json, {
         "flags": {name: FLAGS[name].value for name in names}, "rows": rows})
     print(f"wrote {FLAGS.json}")
 

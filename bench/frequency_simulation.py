@@ -20,27 +20,25 @@ a JSON of every number go to --out_dir.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import os
+import time
+from typing import Callable, Sequence
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from typing import Callable, Sequence  # noqa: E402
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import matplotlib  # noqa: E402
+import core  # noqa: F401  (first: sets the environment before TensorFlow loads)
+from absl import app
+from absl import flags
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np
+import tensorflow as tf
 
-import estimators  # noqa: E402
-from estimators import simulation  # noqa: E402
+from core import workdir
+import estimators
+from estimators import simulation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 20000, "Steps of the Fig. 4 stream; switch at half.")
@@ -224,16 +222,10 @@ def _plot(path: str, fig4: tuple[Sequence[Variant], np.ndarray],
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
   figure.tight_layout()
-  _atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=120), "wb")
+  png = io.BytesIO()
+  figure.savefig(png, format="png", dpi=120)
   plt.close(figure)
-
-
-def _atomic_write(path: str, write: Callable, mode: str = "w") -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(mode, dir=directory, delete=False) as f:
-    write(f)
-  os.replace(f.name, path)
+  workdir.atomic_write(path, png.getvalue())
 
 
 def main(argv: Sequence[str]) -> None:
@@ -277,13 +269,12 @@ def main(argv: Sequence[str]) -> None:
           f"{1 - (1 - q_max) ** batch:.2f}")
     section("multiplicity", stream, _multiplicity_variants(batch), switch_columns)
 
-  os.makedirs(FLAGS.out_dir, exist_ok=True)
   if fig4 is not None:
     png = os.path.join(FLAGS.out_dir, "frequency_fig4.png")
     _plot(png, fig4, improvements)
     print(f"\nwrote {png}")
   path = os.path.join(FLAGS.out_dir, "frequency_simulation.json")
-  _atomic_write(path, lambda f: json.dump(results, f, indent=1))
+  workdir.write_json(path, results)
   print(f"wrote {path}")
 
 

@@ -22,15 +22,15 @@ import tempfile
 import time
 from typing import Sequence
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import core  # noqa: E402,F401  (the environment, before TensorFlow loads)
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import train_throughput as tt  # noqa: E402  (its flags: --examples, ...)
+from core.workdir import Workdir  # noqa: E402
 from models import data  # noqa: E402
 from models import trainer as trainer_lib  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
@@ -52,7 +52,8 @@ def main(argv: Sequence[str]) -> None:
     day = first
     for round_ in range(_ROUNDS.value + 1):
       for name, parses in SETTINGS.items():
-        shutil.copytree(data.day_dir(source, first), data.day_dir(trainer.workdir, day))
+        shutil.copytree(Workdir(source).data_dir(first),
+                        Workdir(trainer.workdir).data_dir(day))
         data.training_batches = functools.partial(original, parallel_parses=parses)
         start = time.perf_counter()
         trainer.train_day(day)

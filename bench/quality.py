@@ -1,7 +1,7 @@
 r"""Next-day recall of the logQ corrections (issue 4, "Quality"), test-then-train.
 
 Protocol: the raw logs are made once (the synthetic world, or MovieLens converted
-by pipeline/movielens.py). For each `--corrections` entry, a fresh workdir runs
+by pipeline/movielens_convert.py). For each `--corrections` entry, a fresh workdir runs
 the daily job over every day with that correction and otherwise the same config.
 Day D is scored by the export made after day D-1 (exact brute-force export and
 ScaNN export), over the full corpus of D; the popularity baseline ranks items by
@@ -28,12 +28,15 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from core import cli  # noqa: E402
+from core import workdir as workdir_lib  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from pipeline import app_flags  # noqa: E402
-from pipeline import daily  # noqa: E402
-from pipeline import movielens  # noqa: E402
-from pipeline import synthetic  # noqa: E402
+from pipeline import beam_day  # noqa: E402
+from pipeline import daily_job  # noqa: E402
+from pipeline import movielens_convert  # noqa: E402
+from pipeline import synthetic_world  # noqa: E402
 
+_OUT = flags.DEFINE_string("out", "/tmp/towerstream_quality", "Output root.")
 _DATASET = flags.DEFINE_enum("dataset", "synthetic", ["synthetic", "movielens"],
                              "Which data to run on.")
 _MOVIELENS = flags.DEFINE_string("movielens_dir", None, "MovieLens directory.")
@@ -50,16 +53,17 @@ METHODS = ("exact", "scann", "popularity")
 KS = ("10", "50", "100")
 
 
-def _raw_logs(out: str) -> tuple[str, dict[str, Any]]:
+def _raw_logs(out: str) -> tuple[str, beam_day.BeamSettings]:
   raw = os.path.join(out, "raw")
   if _DATASET.value == "synthetic":
-    cfg = synthetic.WorldConfig(days=_SYN_DAYS.value, events_per_day=_SYN_EVENTS.value)
+    cfg = synthetic_world.WorldConfig(days=_SYN_DAYS.value,
+                                      events_per_day=_SYN_EVENTS.value)
     if not os.path.exists(os.path.join(raw, "logs")):
-      synthetic.generate(raw, cfg)
-    return raw, {"max_skew_s": 3600}
+      synthetic_world.generate(raw, cfg)
+    return raw, beam_day.BeamSettings()
   if not os.path.exists(os.path.join(raw, "logs")):
-    movielens.convert(_MOVIELENS.value, raw, period_days=_PERIOD.value)
-  return raw, {"max_skew_s": _PERIOD.value * 86400, "allow_missing_history": False}
+    movielens_convert.convert(_MOVIELENS.value, raw, period_days=_PERIOD.value)
+  return raw, beam_day.BeamSettings(max_skew_s=_PERIOD.value * 86400)
 
 
 def _mean_recall(days: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -75,9 +79,8 @@ def _mean_recall(days: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> None:
-  out = app_flags.OUT.value or "/tmp/towerstream_quality"
-  out = os.path.join(out, _DATASET.value)
-  raw, beam_options = _raw_logs(out)
+  out = os.path.join(_OUT.value, _DATASET.value)
+  raw, beam = _raw_logs(out)
   dates = sorted(os.listdir(os.path.join(raw, "logs")))
   results = {}
   for correction in _CORRECTIONS.value:
@@ -85,10 +88,11 @@ def main(argv: Sequence[str]) -> None:
                                     "correction": correction})
     workdir = os.path.join(out, correction)
     start = time.perf_counter()
-    days = daily.run(workdir, start_date=dates[0], end_date=dates[-1],
-                     skip_missing_days=True, logs=os.path.join(raw, "logs"),
-                     catalog=os.path.join(raw, "catalog"), config=config,
-                     beam_options=beam_options, pipeline_args=argv[1:])
+    days = daily_job.run(
+        workdir_lib.Workdir(workdir, os.path.join(raw, "logs"), os.path.join(raw, "catalog")),
+        dt.date.fromisoformat(dates[0]), dt.date.fromisoformat(dates[-1]),
+        settings=daily_job.JobSettings(skip_missing_days=True), config=config, beam=beam,
+        pipeline_args=argv[1:])
     results[correction] = {**_mean_recall(days),
                            "seconds": round(time.perf_counter() - start, 1)}
     print(correction, json.dumps(results[correction]), flush=True)
@@ -107,10 +111,9 @@ def main(argv: Sequence[str]) -> None:
   lines.append(row("popularity", next(iter(results.values())), "popularity"))
   text = "\n".join(lines)
   print(text)
-  with open(os.path.join(out, "quality.json"), "w") as f:
-    json.dump({"results": results, "table": text,
-               "finished": dt.datetime.now().isoformat()}, f, indent=1)
+  workdir_lib.write_json(os.path.join(out, "quality.json"), {
+      "results": results, "table": text, "finished": dt.datetime.now().isoformat()})
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=lambda argv: flags.FLAGS(argv, known_only=True))
+  app.run(main, flags_parser=cli.parse_flags_with_beam_options)

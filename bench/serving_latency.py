@@ -31,17 +31,16 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Any, Callable, Mapping, Sequence
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-
-from typing import Any, Callable, Mapping, Sequence  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import core  # noqa: E402,F401  (the environment, before TensorFlow loads)
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.config import ModelConfig  # noqa: E402
 from models.retrieval import TwoTowerModel  # noqa: E402
 from serving import index  # noqa: E402
@@ -61,6 +60,10 @@ _OUT = flags.DEFINE_string("out_dir", None, "Where to save the SavedModels "
                            "(default: a temporary directory, removed afterwards).")
 
 Request = dict[str, tf.Tensor]
+# One item of the corpus, to build the candidate tower.
+CANDIDATE = {"item_id": tf.constant(["item0"]), "item_channel_id": tf.constant(["c"]),
+             "item_topics": tf.constant([["t"]]), "item_topic_weights": tf.constant([[1.0]]),
+             "item_duration_s": tf.constant([60.0])}
 
 
 def strengthen_item_ids(model: TwoTowerModel, seed: int = 0) -> None:
@@ -135,6 +138,9 @@ def build(out_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """Builds, tunes, saves and loads both variants; returns (calls, figures)."""
   config = ModelConfig(embedding_dim=_DIM.value)
   model = TwoTowerModel(config)
+  # The embeddings are synthetic, so the candidate tower would first run (and make
+  # its variables) while the export traces it: untracked by the retriever then.
+  model.candidate_tower(CANDIDATE, training=False)
   strengthen_item_ids(model)
   tower = tf.function(lambda request: model.query_tower(request, training=False))
   num_items = _NUM_ITEMS.value

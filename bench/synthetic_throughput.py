@@ -20,7 +20,7 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pipeline import synthetic  # noqa: E402
+from pipeline import synthetic_world  # noqa: E402
 from pipeline import textio  # noqa: E402
 
 _EVENTS = flags.DEFINE_integer("events", 1_000_000, "Events in the day.")
@@ -29,15 +29,16 @@ _JSON = flags.DEFINE_string("json_out", None, "Also write the figures here.")
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  cfg = synthetic.WorldConfig(days=1, users=100_000, items=100_000,
+  cfg = synthetic_world.WorldConfig(days=1, users=100_000, items=100_000,
                               events_per_day=_EVENTS.value)
   t0 = time.perf_counter()
-  world = synthetic._build_world(cfg)  # pylint: disable=protected-access
+  world = synthetic_world._build_world(cfg)  # pylint: disable=protected-access
   t1 = time.perf_counter()
-  rng = synthetic.np.random.default_rng([cfg.seed, 1, 0])
-  events = synthetic._day_events(world, cfg, 0, rng)  # pylint: disable=protected-access
+  rng = synthetic_world.np.random.default_rng([cfg.seed, 1, 0])
+  events = synthetic_world._day_events(world, cfg, 0, rng)  # pylint: disable=protected-access
   t2 = time.perf_counter()
-  lines = synthetic._event_lines(world, cfg, 0, cfg.start_date, events)  # pylint: disable=protected-access
+  lines = synthetic_world._event_lines(  # pylint: disable=protected-access
+      world, cfg, 0, cfg.start_date, events)
   t3 = time.perf_counter()
   with tempfile.TemporaryDirectory() as tmp:
     textio.write_gz(os.path.join(tmp, "part.jsonl.gz"), lines)

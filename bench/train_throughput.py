@@ -33,8 +33,8 @@ import tempfile
 import time
 from typing import Callable, Sequence
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import core  # noqa: E402,F401  (the environment, before TensorFlow loads)
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_recommenders as tfrs  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from core.workdir import Workdir  # noqa: E402
 from models import data  # noqa: E402
 from models import features  # noqa: E402
 from models import layers  # noqa: E402
@@ -52,7 +52,8 @@ from models.towers import CandidateTower  # noqa: E402
 from models.towers import QueryTower  # noqa: E402
 
 _EXAMPLES = flags.DEFINE_integer("examples", 204_800, "Examples in a timed day.")
-_HISTORY = flags.DEFINE_integer("history", 50, "History items per example.")
+_HISTORY = flags.DEFINE_integer("history", features.MAX_HISTORY,
+                                "History items per example.")
 _ITEMS = flags.DEFINE_integer("items", 100_000, "Corpus size (Zipf popularity).")
 _USERS = flags.DEFINE_integer("users", 50_000, "Users.")
 _FILES = flags.DEFINE_integer("files", 8, "Example files per day.")
@@ -61,8 +62,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 4, "Timed days (and input passes, epo
 _ROUNDS = flags.DEFINE_integer("rounds", 20, "Alternating rounds of step timings.")
 _STEPS_PER_ROUND = flags.DEFINE_integer("steps_per_round", 5, "Steps per timed round.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the figures here.")
-# --batch_size is the trainer's own flag (models.trainer).
-DEFAULT_BATCH_SIZE = 1024
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
 FIRST_DAY = datetime.date(2024, 1, 1)  # a short warm-up day
 CORRECTIONS = ("streaming", "none")
 
@@ -111,7 +111,7 @@ def synthetic_examples(n: int, seed: int) -> list[bytes]:
 
 
 def write_day(workdir: str, day: datetime.date, records: list[bytes]) -> None:
-  directory = data.day_dir(workdir, day)
+  directory = Workdir(workdir).data_dir(day)
   tf.io.gfile.makedirs(directory)
   options = tf.io.TFRecordOptions(compression_type="GZIP")
   for f, chunk in enumerate(np.array_split(np.arange(len(records)), _FILES.value)):
@@ -191,7 +191,7 @@ def in_memory_pass(trainer: trainer_lib.Trainer, records: list[bytes],
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  batch_size = flags.FLAGS.batch_size or DEFAULT_BATCH_SIZE
+  batch_size = _BATCH_SIZE.value
   base = ModelConfig(batch_size=batch_size, max_history=_HISTORY.value)
   records = synthetic_examples(_EXAMPLES.value, seed=1)
   batch = features.parse_examples(tf.constant(records[:batch_size]),
@@ -206,8 +206,8 @@ def main(argv: Sequence[str]) -> None:
     for correction in CORRECTIONS:
       workdir = os.path.join(root, correction)
       for day in [FIRST_DAY] + days:
-        shutil.copytree(data.day_dir(data_root, min(day, days[0])),
-                        data.day_dir(workdir, day))
+        shutil.copytree(Workdir(data_root).data_dir(min(day, days[0])),
+                        Workdir(workdir).data_dir(day))
       trainers[correction] = trainer_lib.Trainer(workdir,
                                                  base.replace(correction=correction))
       trainers[correction].train_day(FIRST_DAY)

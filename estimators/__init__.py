@@ -1,18 +1,7 @@
-"""Item-frequency estimators for the logQ correction, behind one Keras interface.
-
-TFRS needs Keras 2, so tf.keras must be tf-keras: set before TF loads.
-
-TensorFlow's C++ log is off unless TF_CPP_MIN_LOG_LEVEL is set (its errors reach
-Python as exceptions; pipeline/app_logging.py routes the rest of the log).
-"""
-import os
-
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
+"""Item-frequency estimators for the logQ correction, behind one Keras interface."""
 from typing import Any
 
+import core  # noqa: F401  (sets the environment before TensorFlow loads)
 from estimators.base import FrequencyEstimator
 from estimators.count_min import CountMinFrequencyEstimator
 from estimators.decayed_count import DecayedCountFrequencyEstimator

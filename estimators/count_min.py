@@ -12,18 +12,11 @@ memory means 1.5x its buckets (see `equal_memory_buckets`).
 
 from __future__ import annotations
 
-import os
+import tensorflow as tf
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+from estimators import base
 
-from typing import Any, Mapping  # noqa: E402
-
-import tensorflow as tf  # noqa: E402
-
-from estimators import base  # noqa: E402
-from estimators import hashing  # noqa: E402
-
-_COUNTER_BYTES = 8
+_COUNTER_BYTES = tf.int64.size
 
 
 def equal_memory_buckets(memory_bytes: int, num_hashes: int) -> int:
@@ -31,12 +24,14 @@ def equal_memory_buckets(memory_bytes: int, num_hashes: int) -> int:
   return max(1, memory_bytes // (num_hashes * _COUNTER_BYTES))
 
 
-class CountMinFrequencyEstimator(base.FrequencyEstimator):
+class CountMinFrequencyEstimator(base.HashedFrequencyEstimator):
   """Count-min sketch estimate of the probability that an item is in a batch.
 
-  One sighting per bucket per step unless `count_multiplicity` (then every
-  occurrence counts and p estimates the expected count per batch). A second call
-  at the same step adds its sightings again. Unseen items get min_probability.
+  State: `counts` (C, int64 [m, H], flat as [m * H]) and the first and last
+  global steps. One sighting per bucket per step unless `count_multiplicity`
+  (then every occurrence counts and p estimates the expected count per batch). A
+  second call at the same step adds its sightings again. Unseen items get
+  min_probability.
   """
 
   def __init__(self,
@@ -45,36 +40,22 @@ class CountMinFrequencyEstimator(base.FrequencyEstimator):
                count_multiplicity: bool = False,
                hash_seed: int = 0,
                **kwargs):
-    """Builds the sketch (`num_buckets` = H per row, `num_hashes` = m rows)."""
-    super().__init__(**kwargs)
-    if num_buckets < 1 or num_hashes < 1:
-      raise ValueError(f"Need num_buckets, num_hashes >= 1, got {num_buckets}, "
-                       f"{num_hashes}")
-    self.num_buckets = int(num_buckets)
-    self.num_hashes = int(num_hashes)
-    self.count_multiplicity = bool(count_multiplicity)
-    self.hash_seed = int(hash_seed)
-    self._keys = hashing.hash_keys(self.hash_seed, self.num_hashes)
-    # [m, H] row-major, stored flat: 1-D scatters are ~4x faster than scatter_nd.
-    self.counts = self.add_weight(
-        name="counts", shape=(self.num_hashes * self.num_buckets,), dtype=tf.int64,
-        trainable=False, initializer="zeros")
+    """Builds the sketch.
 
-  @property
-  def memory_bytes(self) -> int:
-    return self.num_hashes * self.num_buckets * _COUNTER_BYTES
-
-  def _cells(self, item_ids: tf.Tensor) -> tf.Tensor:
-    """The [m, N] indices of string ids [N] into the flat state."""
-    return hashing.cells(item_ids, self.num_buckets, self._keys)
+    Args:
+      num_buckets: H, buckets per hash row.
+      num_hashes: m, independent hash rows.
+      count_multiplicity: count every occurrence in a batch (expected count).
+      hash_seed: seed of the m hash keys; part of what a checkpoint means.
+      **kwargs: min_probability, max_probability, and Layer arguments.
+    """
+    super().__init__(num_buckets=num_buckets, num_hashes=num_hashes,
+                     hash_seed=hash_seed, count_multiplicity=count_multiplicity,
+                     **kwargs)
+    self.counts = self._cell_variable("counts", tf.int64, 0)
 
   def _update_and_estimate(self, item_ids: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-    unique_ids, id_index = tf.unique(item_ids, out_idx=tf.int64)
-    if self.count_multiplicity:
-      increments = tf.math.unsorted_segment_sum(
-          tf.ones_like(id_index), id_index, tf.size(unique_ids, out_type=tf.int64))
-    else:
-      increments = tf.ones_like(unique_ids, tf.int64)
+    unique_ids, id_index, increments = self._distinct(item_ids, tf.int64)
     cells = self._cells(unique_ids)
     # scatter_add sums repeated indices (colliding ids), as a sketch must.
     self.counts.scatter_add(tf.IndexedSlices(
@@ -90,14 +71,5 @@ class CountMinFrequencyEstimator(base.FrequencyEstimator):
   def _estimate(self, item_ids: tf.Tensor) -> tf.Tensor:
     return self._probability(self._cells(item_ids), self.last_step)
 
-  def stats(self) -> Mapping[str, tf.Tensor]:
-    """Adds bucket occupancy (fraction of non-zero counters)."""
-    occupancy = tf.reduce_mean(tf.cast(self.counts > 0, tf.float32))
-    return {**super().stats(), "occupancy": occupancy}
-
-  def get_config(self) -> dict[str, Any]:
-    config = super().get_config()
-    config.update(num_buckets=self.num_buckets, num_hashes=self.num_hashes,
-                  count_multiplicity=self.count_multiplicity,
-                  hash_seed=self.hash_seed)
-    return config
+  def _occupied(self) -> tf.Tensor:
+    return self.counts > 0

@@ -28,20 +28,18 @@ as in the streaming estimator; a second call in the same step adds its counts.
 
 from __future__ import annotations
 
-import os
+import tensorflow as tf
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-
-from typing import Any, Mapping  # noqa: E402
-
-import tensorflow as tf  # noqa: E402
-
-from estimators import base  # noqa: E402
-from estimators import hashing  # noqa: E402
+from estimators import base
 
 
-class DecayedCountFrequencyEstimator(base.FrequencyEstimator):
-  """Decayed count-min sketch of the probability (or count) of an item per batch."""
+class DecayedCountFrequencyEstimator(base.HashedFrequencyEstimator):
+  """Decayed count-min sketch of the probability (or count) of an item per batch.
+
+  State: `last_update` (A, int64 [m, H]) and `decayed_count` (R, float32
+  [m, H]), each flat as [m * H], and the first and last global steps. Memory is
+  12 * m * H bytes, as the streaming estimator's.
+  """
 
   def __init__(self,
                num_buckets: int = 1 << 20,
@@ -59,42 +57,22 @@ class DecayedCountFrequencyEstimator(base.FrequencyEstimator):
       decay: per-step discount in (0, 1); the estimate averages ~1 / decay steps.
       conservative: conservative update (raise buckets only to min + count).
       count_multiplicity: count every occurrence in a batch (expected count).
-      hash_seed: seed of the m hash keys.
+      hash_seed: seed of the m hash keys; part of what a checkpoint means.
       **kwargs: min_probability, max_probability, and Layer arguments.
     """
-    super().__init__(**kwargs)
-    if num_buckets < 1 or num_hashes < 1:
-      raise ValueError(f"Need num_buckets, num_hashes >= 1, got {num_buckets}, "
-                       f"{num_hashes}")
+    super().__init__(num_buckets=num_buckets, num_hashes=num_hashes,
+                     hash_seed=hash_seed, count_multiplicity=count_multiplicity,
+                     **kwargs)
     if not 0.0 < decay < 1.0:
       raise ValueError(f"decay must be in (0, 1), got {decay}")
-    self.num_buckets = int(num_buckets)
-    self.num_hashes = int(num_hashes)
     self.decay = float(decay)
     self.conservative = bool(conservative)
-    self.count_multiplicity = bool(count_multiplicity)
-    self.hash_seed = int(hash_seed)
-    self._keys = hashing.hash_keys(self.hash_seed, self.num_hashes)
-    # [m, H] row-major, stored flat: 1-D scatters are ~4x faster than scatter_nd.
-    size = self.num_hashes * self.num_buckets
-    self.last_update = self.add_weight(
-        name="last_update", shape=(size,), dtype=tf.int64, trainable=False,
-        initializer="zeros")
-    self.decayed_count = self.add_weight(
-        name="decayed_count", shape=(size,), dtype=tf.float32, trainable=False,
-        initializer="zeros")
-
-  @property
-  def memory_bytes(self) -> int:
-    return self.num_hashes * self.num_buckets * (8 + 4)
+    self.last_update = self._cell_variable("last_update", tf.int64, 0)
+    self.decayed_count = self._cell_variable("decayed_count", tf.float32, 0.0)
 
   def _discount(self, steps: tf.Tensor) -> tf.Tensor:
     """(1 - decay)^steps, float32."""
     return tf.exp(tf.cast(steps, tf.float32) * tf.math.log1p(-self.decay))
-
-  def _cells(self, item_ids: tf.Tensor) -> tf.Tensor:
-    """The [m, N] indices of string ids [N] into the flat state."""
-    return hashing.cells(item_ids, self.num_buckets, self._keys)
 
   def _decayed(self, cells: tf.Tensor, now: tf.Tensor) -> tf.Tensor:
     """R of `cells`, discounted to step `now`."""
@@ -108,31 +86,20 @@ class DecayedCountFrequencyEstimator(base.FrequencyEstimator):
     return counts / weight
 
   def _update_and_estimate(self, item_ids: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-    unique_ids, id_index = tf.unique(item_ids, out_idx=tf.int64)
-    if self.count_multiplicity:
-      counts = tf.math.unsorted_segment_sum(
-          tf.ones_like(id_index, tf.float32), id_index, tf.size(unique_ids))
-    else:
-      counts = tf.ones_like(unique_ids, tf.float32)
-    item_cells = self._cells(unique_ids)
-    cells, cell_index = tf.unique(tf.reshape(item_cells, [-1]), out_idx=tf.int64)
-    current = self._decayed(cells, step)
+    unique_ids, id_index, counts = self._distinct(item_ids)
+    touched = self._touched_cells(unique_ids)
+    current = self._decayed(touched.cells, step)
     if self.conservative:
       # Each item lifts its buckets to (its current estimate + its count).
-      item_min = tf.reduce_min(
-          tf.reshape(tf.gather(current, cell_index), tf.shape(item_cells)), axis=0)
-      lifted = tf.math.unsorted_segment_max(
-          tf.tile(item_min + counts, [self.num_hashes]), cell_index,
-          tf.size(cells))
-      new = tf.maximum(current, lifted)
+      item_min = tf.reduce_min(touched.per_item(current), axis=0)
+      new = tf.maximum(current, touched.reduce(tf.math.unsorted_segment_max,
+                                               item_min + counts))
     else:
-      new = current + tf.math.unsorted_segment_sum(
-          tf.tile(counts, [self.num_hashes]), cell_index, tf.size(cells))
+      new = current + touched.reduce(tf.math.unsorted_segment_sum, counts)
     self.last_update.scatter_update(
-        tf.IndexedSlices(tf.fill(tf.shape(cells), step), cells))
-    self.decayed_count.scatter_update(tf.IndexedSlices(new, cells))
-    item_counts = tf.reduce_min(
-        tf.reshape(tf.gather(new, cell_index), tf.shape(item_cells)), axis=0)
+        tf.IndexedSlices(tf.fill(tf.shape(touched.cells), step), touched.cells))
+    self.decayed_count.scatter_update(tf.IndexedSlices(new, touched.cells))
+    item_counts = tf.reduce_min(touched.per_item(new), axis=0)
     return tf.gather(self._normalise(item_counts, step), id_index)
 
   def _estimate(self, item_ids: tf.Tensor) -> tf.Tensor:
@@ -140,15 +107,5 @@ class DecayedCountFrequencyEstimator(base.FrequencyEstimator):
                            axis=0)
     return self._normalise(counts, self.last_step)
 
-  def stats(self) -> Mapping[str, tf.Tensor]:
-    """Adds bucket occupancy (fraction of buckets ever touched)."""
-    occupancy = tf.reduce_mean(tf.cast(self.decayed_count > 0, tf.float32))
-    return {**super().stats(), "occupancy": occupancy}
-
-  def get_config(self) -> dict[str, Any]:
-    config = super().get_config()
-    config.update(num_buckets=self.num_buckets, num_hashes=self.num_hashes,
-                  decay=self.decay, conservative=self.conservative,
-                  count_multiplicity=self.count_multiplicity,
-                  hash_seed=self.hash_seed)
-    return config
+  def _occupied(self) -> tf.Tensor:
+    return self.decayed_count > 0

@@ -4,8 +4,8 @@
 hashing, no collisions; memory grows with the number of distinct ids), with two
 methods behind the common interface:
   "gap":   the paper's Algorithm 2 per id, the same arithmetic as
-           `StreamingFrequencyEstimator` (shared `gap_update`), so without
-           collisions the two agree step for step;
+           `StreamingFrequencyEstimator` (shared `gap_update` and option
+           checks), so without collisions the two agree step for step;
   "count": the long-run frequency, sightings / steps elapsed since the first
            step; exact for a stationary stream, slow to follow a shift.
 Both count one sighting per id per step unless `count_multiplicity`, as in the
@@ -15,16 +15,12 @@ streaming estimator. Unseen ids get 1 / initial_gap ("gap") or min_probability
 
 from __future__ import annotations
 
-import os
+from typing import Mapping
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import tensorflow as tf
 
-from typing import Any, Mapping  # noqa: E402
-
-import tensorflow as tf  # noqa: E402
-
-from estimators import base  # noqa: E402
-from estimators import streaming  # noqa: E402
+from estimators import base
+from estimators import streaming
 
 METHODS = ("gap", "count")
 # Rough per-entry cost of a hash-table entry for `memory_bytes` (key + values).
@@ -51,21 +47,12 @@ class ExactFrequencyEstimator(base.FrequencyEstimator):
       count_multiplicity: count every occurrence of an id in a batch.
       **kwargs: min_probability, max_probability, and Layer arguments.
     """
-    super().__init__(**kwargs)
+    super().__init__(count_multiplicity=count_multiplicity, **kwargs)
     if method not in METHODS:
       raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if init not in streaming.INIT_MODES:
-      raise ValueError(f"init must be one of {streaming.INIT_MODES}, got {init!r}")
-    if not 0.0 < alpha <= 1.0:
-      raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    if initial_gap <= 0:
-      raise ValueError(f"initial_gap must be > 0, got {initial_gap}")
     self.method = method
-    self.alpha = float(alpha)
-    self.initial_gap = float(initial_gap)
-    self.init = init
-    self.count_multiplicity = bool(count_multiplicity)
-    self.staleness = float(staleness)
+    self.alpha, self.initial_gap, self.init, self.staleness = (
+        streaming.check_gap_options(alpha, initial_gap, init, staleness))
     self.last_seen_table = tf.lookup.experimental.MutableHashTable(
         tf.string, tf.int64, default_value=-1, name="last_seen")
     if method == "gap":
@@ -81,23 +68,19 @@ class ExactFrequencyEstimator(base.FrequencyEstimator):
     return int(self.last_seen_table.size()) * _ENTRY_BYTES
 
   def _update_and_estimate(self, item_ids: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-    unique_ids, id_index = tf.unique(item_ids, out_idx=tf.int64)
-    counts = None
-    if self.count_multiplicity:
-      counts = tf.math.unsorted_segment_sum(
-          tf.ones_like(id_index, tf.float32), id_index, tf.size(unique_ids))
+    unique_ids, id_index, counts = self._distinct(item_ids)
     last_seen = self.last_seen_table.lookup(unique_ids)
     value = self.value_table.lookup(unique_ids)
     if self.method == "gap":
       new_last_seen, new_value = streaming.gap_update(
-          last_seen, value, counts, step, self._origin(), alpha=self.alpha,
-          init=self.init, initial_gap=self.initial_gap)
+          last_seen, value, counts if self.count_multiplicity else None, step,
+          self._origin(), alpha=self.alpha, init=self.init,
+          initial_gap=self.initial_gap)
       p = 1.0 / new_value
     else:
       fresh = step > last_seen
-      increment = tf.ones_like(value) if counts is None else counts
       new_last_seen = tf.where(fresh, tf.fill(tf.shape(last_seen), step), last_seen)
-      new_value = value + tf.where(fresh, increment, tf.zeros_like(increment))
+      new_value = value + tf.where(fresh, counts, tf.zeros_like(counts))
       p = new_value / tf.cast(step - self._origin(), tf.float32)
     self.last_seen_table.insert(unique_ids, new_last_seen)
     self.value_table.insert(unique_ids, new_value)
@@ -115,11 +98,3 @@ class ExactFrequencyEstimator(base.FrequencyEstimator):
   def stats(self) -> Mapping[str, tf.Tensor]:
     """Adds the number of distinct ids seen."""
     return {**super().stats(), "distinct_ids": self.last_seen_table.size()}
-
-  def get_config(self) -> dict[str, Any]:
-    config = super().get_config()
-    config.update(method=self.method, alpha=self.alpha,
-                  initial_gap=self.initial_gap, init=self.init,
-                  count_multiplicity=self.count_multiplicity,
-                  staleness=self.staleness)
-    return config

@@ -9,12 +9,8 @@ carries it). There is no vocabulary: an id never seen before simply hashes.
 
 from __future__ import annotations
 
-import os
-
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
 _MAX_KEY = np.iinfo(np.int64).max
 

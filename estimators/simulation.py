@@ -18,17 +18,13 @@ The whole run is one `tf.function` with a `tf.while_loop` over steps.
 
 from __future__ import annotations
 
-import os
+import dataclasses
+from typing import Callable, Sequence
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import numpy as np
+import tensorflow as tf
 
-import dataclasses  # noqa: E402
-from typing import Callable, Sequence  # noqa: E402
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from estimators import base  # noqa: E402
+from estimators import base
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,19 +54,28 @@ of a lower rate. 0 (the default) is the paper's estimate.
 
 from __future__ import annotations
 
-import os
+from typing import Mapping
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import tensorflow as tf
 
-from typing import Any, Mapping  # noqa: E402
-
-import tensorflow as tf  # noqa: E402
-
-from estimators import base  # noqa: E402
-from estimators import hashing  # noqa: E402
+from estimators import base
 
 INIT_MODES = ("paper", "first_gap", "prior")
 _NEVER = -1  # value of A for a bucket never seen
+
+
+def check_gap_options(alpha: float, initial_gap: float, init: str,
+                      staleness: float) -> tuple[float, float, str, float]:
+  """Checks the options of Algorithms 2 and 3; returns them as (floats, init)."""
+  if not 0.0 < alpha <= 1.0:
+    raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+  if initial_gap <= 0:
+    raise ValueError(f"initial_gap must be > 0, got {initial_gap}")
+  if init not in INIT_MODES:
+    raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+  if staleness < 0:
+    raise ValueError(f"staleness must be >= 0, got {staleness}")
+  return float(alpha), float(initial_gap), init, float(staleness)
 
 
 def gap_update(last_seen: tf.Tensor, gap: tf.Tensor, counts: tf.Tensor | None,
@@ -115,7 +124,7 @@ def gap_probability(last_seen: tf.Tensor, gap: tf.Tensor, now: tf.Tensor, *,
   return 1.0 / gap
 
 
-class StreamingFrequencyEstimator(base.FrequencyEstimator):
+class StreamingFrequencyEstimator(base.HashedFrequencyEstimator):
   """Hashed streaming estimate of the probability that an item is in a batch.
 
   State: `last_seen` (A, int64 [m, H]) and `gap` (B, float32 [m, H]), each
@@ -149,67 +158,28 @@ class StreamingFrequencyEstimator(base.FrequencyEstimator):
       hash_seed: seed of the m hash keys; part of what a checkpoint means.
       **kwargs: min_probability, max_probability, and Layer arguments.
     """
-    super().__init__(**kwargs)
-    if num_buckets < 1 or num_hashes < 1:
-      raise ValueError(f"Need num_buckets, num_hashes >= 1, got {num_buckets}, "
-                       f"{num_hashes}")
-    if not 0.0 < alpha <= 1.0:
-      raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    if initial_gap <= 0:
-      raise ValueError(f"initial_gap must be > 0, got {initial_gap}")
-    if init not in INIT_MODES:
-      raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
-    if staleness < 0:
-      raise ValueError(f"staleness must be >= 0, got {staleness}")
-    self.num_buckets = int(num_buckets)
-    self.num_hashes = int(num_hashes)
-    self.alpha = float(alpha)
-    self.initial_gap = float(initial_gap)
-    self.init = init
-    self.count_multiplicity = bool(count_multiplicity)
-    self.staleness = float(staleness)
-    self.hash_seed = int(hash_seed)
-    self._keys = hashing.hash_keys(self.hash_seed, self.num_hashes)
-    # [m, H] row-major, stored flat: 1-D scatters are ~4x faster than scatter_nd.
-    size = self.num_hashes * self.num_buckets
-    self.last_seen = self.add_weight(
-        name="last_seen", shape=(size,), dtype=tf.int64, trainable=False,
-        initializer=tf.keras.initializers.Constant(_NEVER))
-    self.gap = self.add_weight(
-        name="gap", shape=(size,), dtype=tf.float32, trainable=False,
-        initializer=tf.keras.initializers.Constant(self.initial_gap))
-
-  @property
-  def memory_bytes(self) -> int:
-    return self.num_hashes * self.num_buckets * (8 + 4)
-
-  def buckets(self, item_ids: tf.Tensor) -> tf.Tensor:
-    """The [m, N] bucket indices of string ids [N]."""
-    return hashing.bucketize(item_ids, self.num_buckets, self._keys)
-
-  def _cells(self, item_ids: tf.Tensor) -> tf.Tensor:
-    """The [m, N] indices of string ids [N] into the flat state."""
-    return hashing.cells(item_ids, self.num_buckets, self._keys)
+    super().__init__(num_buckets=num_buckets, num_hashes=num_hashes,
+                     hash_seed=hash_seed, count_multiplicity=count_multiplicity,
+                     **kwargs)
+    self.alpha, self.initial_gap, self.init, self.staleness = check_gap_options(
+        alpha, initial_gap, init, staleness)
+    self.last_seen = self._cell_variable("last_seen", tf.int64, _NEVER)
+    self.gap = self._cell_variable("gap", tf.float32, self.initial_gap)
 
   def _update_and_estimate(self, item_ids: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
-    unique_ids, id_index = tf.unique(item_ids, out_idx=tf.int64)
-    item_cells = self._cells(unique_ids)
-    # Per row, distinct items may share a bucket: update each bucket once.
-    cells, cell_index = tf.unique(tf.reshape(item_cells, [-1]), out_idx=tf.int64)
+    unique_ids, id_index, id_counts = self._distinct(item_ids)
+    touched = self._touched_cells(unique_ids)
     cell_counts = None
     if self.count_multiplicity:
-      id_counts = tf.math.unsorted_segment_sum(
-          tf.ones_like(id_index, tf.float32), id_index, tf.size(unique_ids))
-      cell_counts = tf.math.unsorted_segment_sum(
-          tf.tile(id_counts, [self.num_hashes]), cell_index, tf.size(cells))
+      cell_counts = touched.reduce(tf.math.unsorted_segment_sum, id_counts)
     new_last_seen, new_gap = gap_update(
-        tf.gather(self.last_seen, cells), tf.gather(self.gap, cells),
-        cell_counts, step, self._origin(), alpha=self.alpha, init=self.init,
-        initial_gap=self.initial_gap)
-    self.last_seen.scatter_update(tf.IndexedSlices(new_last_seen, cells))
-    self.gap.scatter_update(tf.IndexedSlices(new_gap, cells))
+        tf.gather(self.last_seen, touched.cells),
+        tf.gather(self.gap, touched.cells), cell_counts, step, self._origin(),
+        alpha=self.alpha, init=self.init, initial_gap=self.initial_gap)
+    self.last_seen.scatter_update(tf.IndexedSlices(new_last_seen, touched.cells))
+    self.gap.scatter_update(tf.IndexedSlices(new_gap, touched.cells))
     # Every touched cell was just seen at `step`, so staleness does not apply.
-    item_gap = tf.reshape(tf.gather(new_gap, cell_index), tf.shape(item_cells))
+    item_gap = touched.per_item(new_gap)
     return tf.gather(1.0 / tf.reduce_max(item_gap, axis=0), id_index)
 
   def _estimate(self, item_ids: tf.Tensor) -> tf.Tensor:
@@ -219,20 +189,13 @@ class StreamingFrequencyEstimator(base.FrequencyEstimator):
                         staleness=self.staleness)
     return tf.reduce_min(p, axis=0)
 
-  def stats(self) -> Mapping[str, tf.Tensor]:
-    """Adds bucket occupancy (fraction ever seen) and the mean B of seen buckets."""
-    seen = self.last_seen != _NEVER
-    num_seen = tf.reduce_sum(tf.cast(seen, tf.float32))
-    mean_gap = tf.math.divide_no_nan(
-        tf.reduce_sum(tf.where(seen, self.gap, 0.0)), num_seen)
-    return {**super().stats(),
-            "occupancy": num_seen / float(self.num_hashes * self.num_buckets),
-            "mean_gap": mean_gap}
+  def _occupied(self) -> tf.Tensor:
+    return self.last_seen != _NEVER
 
-  def get_config(self) -> dict[str, Any]:
-    config = super().get_config()
-    config.update(num_buckets=self.num_buckets, num_hashes=self.num_hashes,
-                  alpha=self.alpha, initial_gap=self.initial_gap, init=self.init,
-                  count_multiplicity=self.count_multiplicity,
-                  staleness=self.staleness, hash_seed=self.hash_seed)
-    return config
+  def stats(self) -> Mapping[str, tf.Tensor]:
+    """Adds the mean B of the buckets ever seen."""
+    seen = self._occupied()
+    mean_gap = tf.math.divide_no_nan(
+        tf.reduce_sum(tf.where(seen, self.gap, 0.0)),
+        tf.reduce_sum(tf.cast(seen, tf.float32)))
+    return {**super().stats(), "mean_gap": mean_gap}

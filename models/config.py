@@ -1,22 +1,21 @@
 """The two-tower model's configuration, saved as W/config.json on the first day.
 
 A workdir trains one model for its whole life: the fields that decide variable
-shapes or what the loss means (ARCHITECTURE_FIELDS) must stay the same from day to
-day, or a checkpoint would silently restore into a different model. The remaining
-fields are run-time knobs that may change between days.
+shapes or what the loss means (all but RUNTIME_FIELDS) must stay the same from day
+to day, or a checkpoint would silently restore into a different model. The
+RUNTIME_FIELDS are knobs that may change between days.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
+from typing import Any, Mapping, Optional
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import tensorflow as tf
 
-from typing import Any, Mapping  # noqa: E402
-
-import tensorflow as tf  # noqa: E402
+from core import workdir as workdir_lib
+from models.features import MAX_HISTORY
 
 CORRECTIONS = ("streaming", "exact", "none")
 OPTIMIZERS = ("adagrad", "adam", "sgd")
@@ -40,7 +39,8 @@ class ModelConfig:
       hash bucket counts; one extra row per table is the all-zero "absent" value.
     query_hidden, candidate_hidden: hidden ReLU layer widths of each tower's MLP.
     temperature: softmax temperature; scores are <u, v> / temperature.
-    max_history: history items kept per example (most recent first).
+    max_history: history items kept per example (most recent first); the Beam job
+      keeps as many per user (default models.features.MAX_HISTORY).
     batch_size: examples per step; the in-batch softmax's candidate count.
     optimizer, learning_rate: the optimizer ("adagrad", "adam" or "sgd").
     correction: logQ correction "streaming" (the paper's estimator), "exact" (the
@@ -72,7 +72,7 @@ class ModelConfig:
   query_hidden: tuple[int, ...] = (128,)
   candidate_hidden: tuple[int, ...] = (128,)
   temperature: float = 0.05
-  max_history: int = 50
+  max_history: int = MAX_HISTORY
   batch_size: int = 1024
   optimizer: str = "adagrad"
   learning_rate: float = 0.1
@@ -139,6 +139,21 @@ class ModelConfig:
             if name not in RUNTIME_FIELDS and mine[name] != theirs[name]]
 
 
+# The fields apps expose as flags of their own (the rest via --config_overrides):
+# (absl DEFINE_ kind, field, help, extra DEFINE_ arguments). Every such flag
+# defaults to None, meaning W/config.json's value (else the dataclass default).
+FLAG_FIELDS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+    ("enum", "correction", "logQ correction.", {"enum_values": list(CORRECTIONS)}),
+    ("float", "temperature", "Softmax temperature.", {}),
+    ("integer", "batch_size", "Examples per step.", {"lower_bound": 1}),
+    ("float", "learning_rate", "Optimizer learning rate.", {}),
+    ("integer", "checkpoint_every_steps", "Global steps between checkpoints.",
+     {"lower_bound": 1}),
+    ("integer", "shuffle_buffer", "Window of the optional in-order shuffle (0: off).",
+     {"lower_bound": 0}),
+)
+
+
 def read_config(path: str) -> ModelConfig:
   """Reads a config file written by `write_config`, naming the file on error."""
   with tf.io.gfile.GFile(path, "r") as f:
@@ -150,8 +165,31 @@ def read_config(path: str) -> ModelConfig:
 
 
 def write_config(config: ModelConfig, path: str) -> None:
-  """Writes the config atomically (temp file + rename); any tf.io.gfile path."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(config.to_json() + "\n")
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  """Writes the config whole or not at all (core.workdir.atomic_write); any gfile path."""
+  workdir_lib.atomic_write(path, config.to_json() + "\n")
+
+
+def saved_config(workdir: str) -> Optional[ModelConfig]:
+  """The config of W/config.json, or None before the workdir's first day."""
+  path = workdir_lib.Workdir(workdir).config_path
+  return read_config(path) if workdir_lib.exists(path) else None
+
+
+def config_from_overrides(saved: Optional[ModelConfig], overrides: Mapping[str, Any]
+                          ) -> Optional[ModelConfig]:
+  """`saved` (or the default config) with `overrides`; None when there are none.
+
+  None lets the trainer use W/config.json as it is (or the default on a new
+  workdir). Whether the result is compatible with the saved config is
+  `models.trainer.resolve_config`'s check.
+
+  Raises:
+    ValueError: an override that is not a ModelConfig field, or a bad value.
+  """
+  if not overrides:
+    return None
+  base = saved or ModelConfig()
+  try:
+    return ModelConfig.from_dict({**base.to_dict(), **overrides})
+  except TypeError as e:  # a value of the wrong type, e.g. {"query_hidden": 5}
+    raise ValueError(f"config overrides {dict(overrides)}: {e}") from e

@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import Optional, Sequence
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import tensorflow as tf
 
-from typing import Optional, Sequence  # noqa: E402
-
-import tensorflow as tf  # noqa: E402
-
-from models import features  # noqa: E402
+from core import workdir as workdir_lib
+from models import features
 
 EXAMPLES_PATTERN = "examples-*.tfrecord.gz"
-
-
-def day_dir(workdir: str, day: datetime.date) -> str:
-  return os.path.join(workdir, "data", day.isoformat())
 
 
 def example_files(workdir: str, day: datetime.date) -> list[str]:
@@ -33,7 +27,7 @@ def example_files(workdir: str, day: datetime.date) -> list[str]:
   Raises:
     FileNotFoundError: W/data/D does not exist (the day was not converted yet).
   """
-  directory = day_dir(workdir, day)
+  directory = workdir_lib.Workdir(workdir).data_dir(day)
   if not tf.io.gfile.isdir(directory):
     raise FileNotFoundError(f"{directory}: no data for {day.isoformat()}; run "
                             "pipeline.logs_to_tfrecords for that day first")

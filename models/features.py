@@ -17,13 +17,9 @@ and weights differ in length; a batch is never silently misaligned.
 
 from __future__ import annotations
 
-import os
+from typing import Any, Mapping, Sequence
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-
-from typing import Any, Mapping, Sequence  # noqa: E402
-
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
 # The error's words, shared with models/layers.py's check of the dense form.
 TOPIC_WEIGHTS_MISMATCH = "topics and weights differ in length"
@@ -51,6 +47,8 @@ CANDIDATE_FEATURES = ("item_id", "item_channel_id", "item_topics", "item_topic_w
                       "item_duration_s")
 # What a training step reads: the towers' inputs and the reward (not event_id).
 TRAINING_FEATURES = QUERY_FEATURES + CANDIDATE_FEATURES + ("reward",)
+# History items kept per example, most recent first: the default of the Beam job,
+# of ModelConfig.max_history and of parsing. Defined here only.
 MAX_HISTORY = 50
 
 

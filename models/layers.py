@@ -7,15 +7,11 @@ the same layers serve training batches and padded serving requests.
 
 from __future__ import annotations
 
-import os
+from typing import Sequence
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import tensorflow as tf
 
-from typing import Sequence  # noqa: E402
-
-import tensorflow as tf  # noqa: E402
-
-from models.features import TOPIC_WEIGHTS_MISMATCH  # noqa: E402
+from models.features import TOPIC_WEIGHTS_MISMATCH
 
 _SECONDS_PER_HOUR = 3600
 _SECONDS_PER_DAY = 86400

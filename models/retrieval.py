@@ -23,19 +23,15 @@ meet TFRS's lower clip.)
 
 from __future__ import annotations
 
-import os
+from typing import Mapping, Optional
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
 
-from typing import Mapping, Optional  # noqa: E402
-
-import tensorflow as tf  # noqa: E402
-import tensorflow_recommenders as tfrs  # noqa: E402
-
-import estimators  # noqa: E402
-from models import layers  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.towers import CandidateTower, QueryTower  # noqa: E402
+import estimators
+from models import layers
+from models.config import ModelConfig
+from models.towers import CandidateTower, QueryTower
 
 
 def make_frequency_estimator(config: ModelConfig) -> Optional[tf.keras.layers.Layer]:

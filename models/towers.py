@@ -9,16 +9,12 @@ embedding, passed in by the model that owns both.
 
 from __future__ import annotations
 
-import os
+from typing import Mapping
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import tensorflow as tf
 
-from typing import Mapping  # noqa: E402
-
-import tensorflow as tf  # noqa: E402
-
-from models import layers  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
+from models import layers
+from models.config import ModelConfig
 
 
 class QueryTower(tf.keras.Model):

@@ -1,17 +1,15 @@
 """Trains the two-tower model one day at a time, in time order, resumably.
 
-  python -m models.trainer --workdir=W --date=YYYY-MM-DD
-  python -m models.trainer --workdir=W --start_date=YYYY-MM-DD --end_date=YYYY-MM-DD
-
-A day is one pass over W/data/D in file-then-record (time) order. The checkpoint
+The library of the trainer; its command line is models/train.py. A day is one
+pass over W/data/D in file-then-record (time) order. The checkpoint
 (W/checkpoints, tf.train.CheckpointManager) holds everything a restart needs: the
 model, the frequency estimator's state (a layer of the model), the optimizer
 (whose `iterations` is the global step t fed to the estimator, 1-based per
 batch), the day being trained, how many of its examples were consumed, and
-whether the day is complete. A process killed mid-day restarts from the last
-checkpoint and skips exactly the examples it had consumed: nothing is trained
-twice or skipped. Checkpoints are written every `checkpoint_every_steps` global
-steps and at the end of the day.
+whether the day is complete (`checkpoint_position` reads these). A process
+killed mid-day restarts from the last checkpoint and skips exactly the examples
+it had consumed: nothing is trained twice or skipped. Checkpoints are written
+every `checkpoint_every_steps` global steps and at the end of the day.
 
 The config is written to W/config.json on the first day; a later config that
 differs in an architecture field fails with the list of differing fields.
@@ -47,46 +45,27 @@ import os
 import re
 import signal
 import time
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+from absl import logging
+import tensorflow as tf
 
-from typing import Any, Iterator, Mapping, Optional, Sequence  # noqa: E402
+from core import workdir as workdir_lib
+from models import data
+from models import features
+from models.config import ModelConfig
+from models.config import saved_config
+from models.config import write_config
+from models.retrieval import in_batch_recall
+from models.retrieval import TwoTowerModel
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from models import data  # noqa: E402
-from models import features  # noqa: E402
-from models.config import CORRECTIONS  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.config import read_config  # noqa: E402
-from models.config import write_config  # noqa: E402
-from models.retrieval import in_batch_recall  # noqa: E402
-from models.retrieval import TwoTowerModel  # noqa: E402
-from pipeline import app_flags  # noqa: E402
-
-# --workdir, --date and --start_date/--end_date are pipeline.app_flags'.
-_CORRECTION = flags.DEFINE_enum("correction", None, list(CORRECTIONS),
-                                "logQ correction; default: W/config.json, else streaming.")
-_TEMPERATURE = flags.DEFINE_float("temperature", None, "Softmax temperature.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Examples per step.")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", None, "Optimizer learning rate.")
-_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every_steps", None,
-                                         "Global steps between checkpoints.")
-_SHUFFLE_BUFFER = flags.DEFINE_integer("shuffle_buffer", None,
-                                       "Window of the optional in-order shuffle (0: off).")
-_CONFIG_OVERRIDES = flags.DEFINE_string(
-    "config_overrides", None, 'JSON object of other ModelConfig fields, e.g. '
-    '\'{"embedding_dim": 32}\'.')
-
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-TENSORBOARD_DIR = "tensorboard"
 _LOSS_CHECK = "training loss is not finite"
 # Test-only fault injection (module docstring): SIGKILL after this global step.
 KILL_AFTER_STEP_ENV = "TOWERSTREAM_KILL_AFTER_STEP"
+# The keys of the trainer's tf.train.Checkpoint that say how far it trained, and
+# the checkpoint's name of the optimizer's step counter (the global step).
+POSITION_KEYS = ("day", "day_examples", "day_complete")
+_GLOBAL_STEP_KEY = "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 class DivergenceError(FloatingPointError):
@@ -105,18 +84,17 @@ def resolve_config(workdir: str, config: Optional[ModelConfig]) -> ModelConfig:
   Raises:
     ValueError: `config` differs from the saved one in an architecture field.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not tf.io.gfile.exists(path):
+  saved = saved_config(workdir)
+  if saved is None:
     return config or ModelConfig()
-  saved = read_config(path)
   if config is None:
     return saved
   diffs = saved.incompatibilities(config)
   if diffs:
     raise ValueError(
-        f"{path}: this workdir's model was trained with a different config; "
-        "incompatible fields (saved != requested): " + "; ".join(diffs) +
-        ". Use a new workdir, or the saved values.")
+        f"{workdir_lib.Workdir(workdir).config_path}: this workdir's model was trained "
+        "with a different config; incompatible fields (saved != requested): "
+        + "; ".join(diffs) + ". Use a new workdir, or the saved values.")
   return config
 
 
@@ -205,22 +183,95 @@ def restore_checkpoint(objects: Mapping[str, Any], directory: str, partial: bool
                      "restored: " + "; ".join(failures))
 
 
-def load_model(workdir: str) -> TwoTowerModel:
+class TrainedPosition(NamedTuple):
+  """How far a model has trained, as a checkpoint (or a Trainer) holds it.
+
+  Attributes:
+    day: the day being or last trained (None before any).
+    examples: examples of that day consumed.
+    complete: whether that day was trained to its end.
+    global_step: optimizer steps in total.
+    checkpoint: the checkpoint holding exactly this position (None: a trainer's
+      state not saved since it last trained).
+  """
+  day: Optional[datetime.date]
+  examples: int
+  complete: bool
+  global_step: int
+  checkpoint: Optional[str]
+
+  def to_json(self) -> dict[str, Any]:
+    return {"day": self.day.isoformat() if self.day else None, "examples": self.examples,
+            "complete": self.complete, "global_step": self.global_step,
+            "checkpoint": self.checkpoint}
+
+
+def _day_of(ordinal: int) -> Optional[datetime.date]:
+  """The date of a checkpointed day ordinal (0: no day yet)."""
+  return datetime.date.fromordinal(ordinal) if ordinal else None
+
+
+def checkpoint_position(workdir: str, checkpoint: Optional[str] = None) -> TrainedPosition:
+  """The trained position stored in a trainer checkpoint, read without a model.
+
+  Args:
+    workdir: the workdir.
+    checkpoint: the checkpoint's path prefix; default the latest in W/checkpoints.
+
+  Raises:
+    FileNotFoundError: no checkpoint.
+    ValueError: the checkpoint is unreadable or lacks the trainer's position.
+  """
+  directory = workdir_lib.Workdir(workdir).checkpoints_dir
+  path = checkpoint or tf.train.latest_checkpoint(directory)
+  if path is None:
+    raise FileNotFoundError(f"{directory}: no checkpoint; train at least one day first")
+  try:
+    reader = tf.train.load_checkpoint(path)
+  except (tf.errors.OpError, ValueError) as e:
+    raise ValueError(f"{path}: unreadable checkpoint: {e}") from e
+  keys = {name: f"{name}/.ATTRIBUTES/VARIABLE_VALUE" for name in POSITION_KEYS}
+  keys["global_step"] = _GLOBAL_STEP_KEY
+  missing = [key for key in keys.values() if not reader.has_tensor(key)]
+  if missing:
+    raise ValueError(f"{path}: not a trainer checkpoint, it lacks {missing}")
+  value = {name: reader.get_tensor(key) for name, key in keys.items()}
+  return TrainedPosition(day=_day_of(int(value["day"])),
+                         examples=int(value["day_examples"]),
+                         complete=bool(value["day_complete"]),
+                         global_step=int(value["global_step"]), checkpoint=path)
+
+
+def load_model(workdir: str) -> tuple[TwoTowerModel, TrainedPosition]:
   """The TwoTowerModel of W/config.json with the latest readable checkpoint's weights.
+
+  Returns:
+    The model and the position of the checkpoint restored (an older one when the
+    newest cannot be read, see `restore_checkpoint`).
 
   Raises:
     FileNotFoundError: no config or no checkpoint in `workdir`.
     RuntimeError: no checkpoint can be restored (see `restore_checkpoint`).
+    ValueError: the restored checkpoint lacks the trainer's position.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"{path}: missing; train at least one day first")
-  model = TwoTowerModel(read_config(path))
+  paths = workdir_lib.Workdir(workdir)
+  config = saved_config(workdir)
+  if config is None:
+    raise FileNotFoundError(f"{paths.config_path}: missing; train at least one day first")
+  model = TwoTowerModel(config)
   model(_dummy_batch())
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
-  if restore_checkpoint({"model": model}, directory, partial=True) is None:
-    raise FileNotFoundError(f"{directory}: no checkpoint")
-  return model
+  restored = restore_checkpoint({"model": model}, paths.checkpoints_dir, partial=True)
+  if restored is None:
+    raise FileNotFoundError(f"{paths.checkpoints_dir}: no checkpoint")
+  return model, checkpoint_position(workdir, restored)
+
+
+class _Pass(NamedTuple):
+  """What one training pass over (the rest of) a day did."""
+  skip: int  # examples of the day consumed before the pass
+  steps: int
+  seconds: float
+  probe: dict[str, float]  # the last probe's in-batch recall and estimator stats
 
 
 class Trainer:
@@ -241,9 +292,10 @@ class Trainer:
   def __init__(self, workdir: str, config: Optional[ModelConfig] = None,
                strategy: Optional[tf.distribute.Strategy] = None):
     self.workdir = workdir
+    self._paths = workdir_lib.Workdir(workdir)
     self.config = resolve_config(workdir, config)
     self.strategy = strategy or tf.distribute.get_strategy()
-    self._writer = tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_DIR))
+    self._writer = tf.summary.create_file_writer(self._paths.tensorboard_dir)
     self._build()
 
   def _build(self) -> None:
@@ -264,17 +316,18 @@ class Trainer:
       self.model(_dummy_batch())
       # Slots now, so that a restore fills them at once and is checked whole.
       self.optimizer.build(self.model.trainable_variables)
-    # day, day_examples and day_complete are the position others read: keep the keys.
-    objects = dict(model=self.model, optimizer=self.optimizer, day=self._day,
-                   day_examples=self._day_examples, day_complete=self._day_complete,
+    # POSITION_KEYS (day, day_examples, day_complete) are what checkpoint_position reads.
+    objects = dict(zip(POSITION_KEYS, (self._day, self._day_examples, self._day_complete)),
+                   model=self.model, optimizer=self.optimizer,
                    day_loss_sum=self._day_loss_sum, day_loss_steps=self._day_loss_steps)
     self._manager = tf.train.CheckpointManager(
-        tf.train.Checkpoint(**objects), os.path.join(self.workdir, CHECKPOINT_DIR),
+        tf.train.Checkpoint(**objects), self._paths.checkpoints_dir,
         max_to_keep=self.config.max_checkpoints, step_counter=self.optimizer.iterations)
     if self._manager.latest_checkpoint:
-      if not tf.io.gfile.exists(os.path.join(self.workdir, CONFIG_FILE)):
-        raise ValueError(f"{self.workdir}: checkpoints without {CONFIG_FILE}; cannot tell "
-                         "which model they belong to")
+      if not workdir_lib.exists(self._paths.config_path):
+        raise ValueError(f"{self._paths.checkpoints_dir}: checkpoints without "
+                         f"{self._paths.config_path}; cannot tell which model they "
+                         "belong to")
       # Checkpoints from before the day's loss was kept: a resumed day's mean
       # loss then covers the resumed part only.
       self.restored = restore_checkpoint(objects, self._manager.directory,
@@ -282,6 +335,8 @@ class Trainer:
       logging.info("restored %s", self.restored)
     else:
       self.restored = None
+    # The position the last checkpoint saved or restored holds (trained_position).
+    self._held = self._position_now(self.restored) if self.restored else None
     # learning_rate is a run-time field: the config wins over the checkpoint.
     self.optimizer.learning_rate.assign(self.config.learning_rate)
     self._train_batch = tf.function(self._distributed_step, reduce_retracing=True)
@@ -295,9 +350,22 @@ class Trainer:
 
   def position(self) -> tuple[Optional[datetime.date], int, bool]:
     """(day being or last trained, examples of it consumed, whether it is complete)."""
-    ordinal = int(self._day.numpy())
-    day = datetime.date.fromordinal(ordinal) if ordinal else None
-    return day, int(self._day_examples.numpy()), bool(self._day_complete.numpy())
+    return (_day_of(int(self._day.numpy())), int(self._day_examples.numpy()),
+            bool(self._day_complete.numpy()))
+
+  def _position_now(self, checkpoint: Optional[str]) -> TrainedPosition:
+    return TrainedPosition(*self.position(), global_step=self.global_step,
+                           checkpoint=checkpoint)
+
+  def trained_position(self) -> TrainedPosition:
+    """`position()`, the global step, and the checkpoint holding exactly them.
+
+    The checkpoint is None when the state in memory has moved on since the last
+    checkpoint saved or restored (e.g. a day stopped between checkpoints).
+    """
+    now = self._position_now(None)
+    held = self._held
+    return held if held is not None and held._replace(checkpoint=None) == now else now
 
   def _replica_step(self, batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
     with tf.GradientTape() as tape:
@@ -369,7 +437,7 @@ class Trainer:
       if _LOSS_CHECK not in e.message:
         # A failed check of the input (models/features.py) says it in one line.
         failed = re.search(r"assertion failed: \[(.*?)\]", e.message)
-        raise RuntimeError(f"{data.day_dir(self.workdir, day)}: bad examples after "
+        raise RuntimeError(f"{self._paths.data_dir(day)}: bad examples after "
                            f"example {self._day_examples.numpy()}: "
                            f"{failed.group(1) if failed else e.message}") from e
       self._stale = True
@@ -378,15 +446,17 @@ class Trainer:
           f"(examples {self._day_examples.numpy()}.. of the day); stopped, last "
           f"checkpoint {self._manager.latest_checkpoint} is untouched") from e
     except tf.errors.OpError as e:
-      raise RuntimeError(f"{data.day_dir(self.workdir, day)}: cannot read examples after "
+      raise RuntimeError(f"{self._paths.data_dir(day)}: cannot read examples after "
                          f"example {self._day_examples.numpy()}: {e.message}") from e
 
   def _save(self, step: int) -> str:
     try:
-      return self._manager.save(checkpoint_number=step)
+      path = self._manager.save(checkpoint_number=step)
     except tf.errors.OpError as e:  # not to be mistaken for a bad input
       raise IOError(f"{self._manager.directory}: cannot write checkpoint {step}: "
                     f"{e.message}") from e
+    self._held = self._position_now(path)
+    return path
 
   def _log_interval(self, day: datetime.date, since: tuple[float, int, float, int],
                     probe: dict[str, float]) -> tuple[float, int, float, int]:
@@ -407,10 +477,8 @@ class Trainer:
     return now, consumed, total, steps
 
   def _save_config(self) -> None:
-    path = os.path.join(self.workdir, CONFIG_FILE)
-    if not tf.io.gfile.exists(path) or read_config(path) != self.config:
-      tf.io.gfile.makedirs(self.workdir)
-      write_config(self.config, path)
+    if saved_config(self.workdir) != self.config:
+      write_config(self.config, self._paths.config_path)
 
   def _start_day(self, day: datetime.date) -> Optional[int]:
     """Moves the state to `day`; returns examples to skip, None if already trained."""
@@ -454,55 +522,78 @@ class Trainer:
       return {"day": day.isoformat(), "status": "already_trained",
               "global_step": self.global_step, "examples": consumed}
     self._save_config()
+    return self._finish_day(day, self._train_pass(day, skip))
+
+  def _day_batches(self, day: datetime.date, skip: int) -> Iterator[Any]:
+    """The distributed iterator over day D's batches from example `skip` on."""
     files = data.example_files(self.workdir, day)
     batches = data.training_batches(
         files, self.config.batch_size, skip=skip, max_history=self.config.max_history,
         shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed * 100003 +
         day.toordinal())
-    iterator = iter(self.strategy.experimental_distribute_dataset(batches))
     logging.info("day %s: %d files, starting at example %d, global step %d", day,
                  len(files), skip, self.global_step)
+    return iter(self.strategy.experimental_distribute_dataset(batches))
 
-    started = time.perf_counter()
-    start_step = self.global_step
+  def _train_pass(self, day: datetime.date, skip: int) -> _Pass:
+    """Trains the rest of day D from example `skip`; returns what the pass did.
+
+    Checkpoints, summaries and the injected kill happen at their step boundaries
+    (`_train_to_log_step`); the day is not marked complete here.
+    """
+    iterator = self._day_batches(day, skip)
+    started, start_step = time.perf_counter(), self.global_step
     kill_after = _kill_after_step()
-    probe = {}
+    probe: dict[str, float] = {}
     since = (started, skip, *self._day_loss())
-    every_checkpoint, every_log = (self.config.checkpoint_every_steps,
-                                   self.config.log_every_steps)
     with self._writer.as_default(), self._errors_as(day):
-      exhausted = False
-      while not exhausted:
+      while True:
         # The first step after each log boundary runs from Python: its batch is
         # probed (in-batch recall, estimator stats) before being trained on.
         batch = next(iterator, None)
         if batch is None:
           break
-        probe = {k: float(v) for k, v in self._probe(batch).items()}
-        for name, value in probe.items():
-          tf.summary.scalar(name, value, step=self.global_step + 1)
+        probe = self._probe_batch(batch)
         self._train_batch(batch)
-        while True:
-          step = self.global_step
-          if step % every_checkpoint == 0:
-            self._save(step)
-          if step == kill_after:
-            self._writer.flush()
-            _kill_self()
-          if step % every_log == 0:
-            since = self._log_interval(day, since, probe)
-            break
-          # Chunks end at log and checkpoint boundaries, and at the kill step.
-          chunk = min(every_log - step % every_log,
-                      every_checkpoint - step % every_checkpoint)
-          if kill_after is not None and kill_after > step:
-            chunk = min(chunk, kill_after - step)
-          if int(self._train_steps(iterator, tf.constant(chunk, tf.int64))) < chunk:
-            exhausted = True
-            break
+        if not self._train_to_log_step(iterator, kill_after):
+          break
+        since = self._log_interval(day, since, probe)
+    return _Pass(skip=skip, steps=self.global_step - start_step,
+                 seconds=time.perf_counter() - started, probe=probe)
+
+  def _probe_batch(self, batch: Any) -> dict[str, float]:
+    """The probe of a batch about to be trained on, written to TensorBoard."""
+    probe = {k: float(v) for k, v in self._probe(batch).items()}
+    for name, value in probe.items():
+      tf.summary.scalar(name, value, step=self.global_step + 1)
+    return probe
+
+  def _train_to_log_step(self, iterator: Iterator[Any], kill_after: Optional[int]) -> bool:
+    """Trains chunks up to the next log step; False if the data ends before it.
+
+    Saves a checkpoint at every checkpoint step and kills the process at
+    `kill_after` (fault injection): chunks end at those steps and at log steps.
+    """
+    every_checkpoint, every_log = (self.config.checkpoint_every_steps,
+                                   self.config.log_every_steps)
+    while True:
+      step = self.global_step
+      if step % every_checkpoint == 0:
+        self._save(step)
+      if step == kill_after:
+        self._writer.flush()
+        _kill_self()
+      if step % every_log == 0:
+        return True
+      chunk = min(every_log - step % every_log, every_checkpoint - step % every_checkpoint)
+      if kill_after is not None and kill_after > step:
+        chunk = min(chunk, kill_after - step)
+      if int(self._train_steps(iterator, tf.constant(chunk, tf.int64))) < chunk:
+        return False
+
+  def _finish_day(self, day: datetime.date, done: _Pass) -> dict[str, Any]:
+    """Marks the day complete, checkpoints it and returns its stats (`train_day`)."""
     step = self.global_step
-    steps = step - start_step
-    elapsed = time.perf_counter() - started
     self._day_complete.assign(True)
     path = self._save(step)
     self._writer.flush()
@@ -510,54 +601,16 @@ class Trainer:
     total, day_steps = self._day_loss()
     stats = {
         "day": day.isoformat(),
-        "status": "resumed" if skip else "trained",
+        "status": "resumed" if done.skip else "trained",
         "examples": consumed,
-        "examples_this_run": consumed - skip,
-        "steps_this_run": steps,
+        "examples_this_run": consumed - done.skip,
+        "steps_this_run": done.steps,
         "global_step": step,
         "mean_loss": total / day_steps if day_steps else None,
-        "examples_per_s": (consumed - skip) / elapsed if elapsed > 0 else None,
+        "examples_per_s": ((consumed - done.skip) / done.seconds if done.seconds > 0
+                           else None),
         "checkpoint": path,
-        **probe,
+        **done.probe,
     }
     logging.info("day %s done: %s", day, json.dumps(stats))
     return stats
-
-
-def config_from_flags(workdir: str) -> Optional[ModelConfig]:
-  """The saved (or default) config with the flags' overrides; None if no flag set."""
-  overrides = json.loads(_CONFIG_OVERRIDES.value) if _CONFIG_OVERRIDES.value else {}
-  for name, flag in (("correction", _CORRECTION), ("temperature", _TEMPERATURE),
-                     ("batch_size", _BATCH_SIZE), ("learning_rate", _LEARNING_RATE),
-                     ("checkpoint_every_steps", _CHECKPOINT_EVERY),
-                     ("shuffle_buffer", _SHUFFLE_BUFFER)):
-    if flag.value is not None:
-      overrides[name] = flag.value
-  if not overrides:
-    return None
-  path = os.path.join(workdir, CONFIG_FILE)
-  base = read_config(path) if tf.io.gfile.exists(path) else ModelConfig()
-  return ModelConfig.from_dict({**base.to_dict(), **overrides})
-
-
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if app_flags.DATE.value:
-    first = last = app_flags.parse_day(app_flags.DATE.value)
-  elif not app_flags.START_DATE.value:
-    raise app.UsageError("--date=YYYY-MM-DD or --start_date/--end_date is required")
-  else:
-    first = app_flags.parse_day(app_flags.START_DATE.value, "start_date")
-    last = app_flags.parse_day(app_flags.END_DATE.value, "end_date")
-  workdir = app_flags.WORKDIR.value
-  trainer = Trainer(workdir, config_from_flags(workdir))
-  day = first
-  while day <= last:
-    print(json.dumps(trainer.train_day(day)))
-    day += datetime.timedelta(days=1)
-
-
-if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  app.run(main)

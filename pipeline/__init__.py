@@ -1,14 +1,2 @@
-"""towerstream package. TFRS needs Keras 2, so tf.keras must be tf-keras: set before TF loads.
-
-TensorFlow's C++ log is off unless TF_CPP_MIN_LOG_LEVEL is set (its errors reach
-Python as exceptions; pipeline/app_logging.py routes the rest of the log). Beam's
-"apitools not found" warning at import (GCP client libraries not installed, which
-is expected without apache-beam[gcp]) is dropped.
-"""
-import logging
-import os
-
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-logging.getLogger().addFilter(
-    lambda record: not str(record.msg).startswith("apitools not found"))
+"""The data side: raw log schema, the Beam job, data generators, the daily orchestration."""
+import core  # noqa: F401  (sets the environment before TensorFlow loads)

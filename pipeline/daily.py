@@ -1,34 +1,13 @@
-r"""The daily job: one command runs a day, or catches up a range, end to end.
+r"""The daily job's app: one command runs a day, or catches up a range, end to end.
 
-For each day D, in order (test-then-train):
-  1. beam:     logs/D + catalog/<=D + state/history/D-1 -> data/D (Beam job);
-  2. evaluate: the newest export labelled with a day before D is scored on D's events;
-  3. train:    one pass over data/D in time order, from the latest checkpoint;
-  4. export:   a new ScaNN and exact export version from the trained model;
-  5. report:   D's metrics are appended to eval/summary.json and eval/summary.png.
+Each day D runs beam, evaluate, train, export and report in order (test-then-train;
+see pipeline/daily_job.py for what each step does and how a run resumes).
 
-`W/manifest.json` records each completed step, so a re-run of a completed day is a
-no-op (unless --force) and a killed run resumes at the step it was in (the trainer
-itself resumes mid-day from its checkpoint). `W/.lock` keeps a second run out.
-A range runs in one process: TensorFlow is imported once and the model and its
-frequency estimator stay in memory from day to day.
-
-Evaluation never uses a model that has seen D: a forced re-run of D, or a day run
-after later ones, is scored by the export made before D, as the first run was.
-When the manifest records an export of an earlier day but W/exports lacks it, the
-day fails naming the missing directory (it is not recorded as "no export yet").
-Export versions only grow: the manifest keeps the highest one published.
-
-If the trainer restored a checkpoint older than the manifest says was trained (the
-newest was unreadable and the trainer fell back to the one before), the days in
-between are trained again, in order and from the restored position, before D: no
-example is skipped or trained twice. Their exports are kept, not redone: each was
-made from a model trained on exactly the days up to its label, so scoring later
-days with them stays honest, and TF Serving keeps the versions it has.
-
-Every flag of the steps' own apps is accepted too (e.g. the trainer's); other
-arguments must be Beam pipeline options (e.g. --runner), passed on to Beam: a
-misspelt flag fails with exit status 2 before anything is created.
+Every setting of the steps is a flag here too (the model's, the Beam job's, the
+export's); any other argument must be a Beam pipeline option (e.g. --runner),
+passed on to Beam: a misspelt flag fails with exit status 2 before anything is
+created. The model's history length is a model field (`--config_overrides=
+'{"max_history": 20}'`), which the Beam job follows.
 
 The terminal shows one line per day and step, then the table; the full log goes to
 W/run_logs/daily-<time>-<pid>.log (`--verbosity=0` shows it on the terminal too).
@@ -39,380 +18,103 @@ W/run_logs/daily-<time>-<pid>.log (`--verbosity=0` shows it on the terminal too)
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import os
-import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
-from apache_beam.io.filesystems import FileSystems
 
-from pipeline import app_flags
-from pipeline import app_logging
+from core import app_logging
+from core import cli
+from core import workdir as workdir_lib
+from models import trainer as trainer_lib
+from models import config as config_lib
+from pipeline import beam_day
+from pipeline import daily_job
 from pipeline import history
-from pipeline import logs_to_tfrecords
-from pipeline import manifest as manifest_lib
 from pipeline import report
 from pipeline import workdir_lock
-from models import trainer as trainer_lib
-from models.config import ModelConfig
-from serving import evaluate as evaluate_lib
-from serving import export as export_lib
+from serving import exporter
 
-_FORCE = flags.DEFINE_bool("force", False, "Re-run days whose steps are complete.")
+_EXPORT = exporter.ExportSettings()
+_JOB = daily_job.JobSettings()
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Working directory (see README: layout).")
+_DATE = flags.DEFINE_string("date", None, "The day to run, YYYY-MM-DD.")
+_START_DATE = flags.DEFINE_string("start_date", None, "First day of a range, YYYY-MM-DD.")
+_END_DATE = flags.DEFINE_string("end_date", None, "Last day of a range, inclusive.")
+_LOGS = flags.DEFINE_string("logs", None, "Root of logs/YYYY-MM-DD/ (default W/logs).")
+_CATALOG = flags.DEFINE_string("catalog", None,
+                               "Root of catalog/YYYY-MM-DD/ (default W/catalog).")
+_FORCE = flags.DEFINE_bool("force", _JOB.force, "Re-run days whose steps are complete.")
 _SKIP_MISSING = flags.DEFINE_bool(
-    "skip_missing_days", False,
+    "skip_missing_days", _JOB.skip_missing_days,
     "In a range, skip dates without a log partition (recorded in the manifest) "
     "instead of failing.")
 _MAX_DEAD = flags.DEFINE_float(
-    "max_dead_letter_rate", 0.05, "Fail a day whose dead-letter lines exceed this "
-    "fraction of its input lines.")
+    "max_dead_letter_rate", _JOB.max_dead_letter_rate,
+    "Fail a day whose dead-letter lines exceed this fraction of its input lines.")
+# The model (W/config.json is the default; an architecture change is refused).
+_MODEL_FLAGS = [getattr(flags, f"DEFINE_{kind}")(name, None, help=help, **extra)
+                for kind, name, help, extra in config_lib.FLAG_FIELDS]
+_CONFIG_OVERRIDES = flags.DEFINE_string(
+    "config_overrides", None, "JSON object of other ModelConfig fields, e.g. "
+    "'{\"embedding_dim\": 32}'.")
+# The Beam job.
+_ALLOW_MISSING_HISTORY = flags.DEFINE_bool(
+    "allow_missing_history", **beam_day.flag_args("allow_missing_history"))
+_MAX_SKEW_S = flags.DEFINE_integer("max_skew_s", **beam_day.flag_args("max_skew_s"))
+_CORPUS_SHARDS = flags.DEFINE_integer("corpus_shards",
+                                      **beam_day.flag_args("corpus_shards"))
+_HISTORY_SHARDS = flags.DEFINE_integer("history_shards",
+                                       **beam_day.flag_args("history_shards"))
+# The export.
+_MIN_ANN_RECALL = flags.DEFINE_float(
+    "min_ann_recall", _EXPORT.min_ann_recall, "Fail the export when ScaNN's recall@10 "
+    "against exact search stays below this after retuning.")
+_EXPORT_K = flags.DEFINE_integer("export_k", _EXPORT.export_k,
+                                 "Items returned by serving_default.")
 
-FLAGS = flags.FLAGS
-STEPS = ("beam", "evaluate", "train", "export", "report")
-# The Beam job's own flags that the daily job passes on to it.
-_BEAM_FLAGS = ("allow_missing_history", "max_skew_s", "max_history", "corpus_shards",
-               "history_shards")
 # Errors that mean "this run cannot proceed as asked": one line, exit status 2.
-_EXPECTED_ERRORS = (workdir_lock.WorkdirLocked, flags.ValidationError, app.UsageError,
-                    FileNotFoundError, NotADirectoryError, history.MissingHistoryError,
+_EXPECTED_ERRORS = (daily_job.DayFailed, workdir_lock.WorkdirLocked,
+                    flags.ValidationError, app.UsageError, FileNotFoundError,
+                    NotADirectoryError, history.MissingHistoryError,
                     trainer_lib.DivergenceError)
-
-
-class DayFailed(RuntimeError):
-  """A day cannot be run as asked; the message says why and what to look at."""
-
-
-def log_partitions(logs_root: str) -> set[dt.date]:
-  """Dates that have a non-empty `logs_root/YYYY-MM-DD/` (any Beam filesystem)."""
-  if not FileSystems.exists(logs_root):
-    return set()
-  pattern = FileSystems.join(logs_root, "????-??-??", "*")
-  dates = set()
-  for metadata in FileSystems.match([pattern])[0].metadata_list:
-    try:
-      dates.add(dt.date.fromisoformat(metadata.path.rstrip("/").split("/")[-2]))
-    except ValueError:
-      continue
-  return dates
-
-
-def _version_of(export_dir: str) -> int:
-  return int(os.path.basename(export_dir.rstrip("/")))
-
-
-class DailyJob:
-  """Runs days in order in one process, keeping the trainer (model, estimator) warm.
-
-  `progress`, when given, receives one line per day and step (the apps print it).
-  """
-
-  def __init__(self, workdir: str, logs: Optional[str] = None,
-               catalog: Optional[str] = None, pipeline_args: Sequence[str] = (),
-               force: bool = False, max_dead_letter_rate: float = 0.05,
-               config: Optional[ModelConfig] = None, strategy: Any = None,
-               beam_options: Optional[dict[str, Any]] = None,
-               min_ann_recall: float = 0.95,
-               progress: Optional[Callable[[str], None]] = None):
-    self.workdir = workdir
-    self.logs = logs or os.path.join(workdir, "logs")
-    self.catalog = catalog or os.path.join(workdir, "catalog")
-    self.pipeline_args = list(pipeline_args)
-    self.force = force
-    self.max_dead_letter_rate = max_dead_letter_rate
-    self.config = config
-    self.strategy = strategy
-    self.beam_options = dict(beam_options or {})
-    self.min_ann_recall = min_ann_recall
-    self.progress = progress or (lambda line: None)
-    self.manifest = manifest_lib.Manifest(workdir)
-    self._trainer: Optional[trainer_lib.Trainer] = None
-
-  @property
-  def trainer(self) -> trainer_lib.Trainer:
-    if self._trainer is None:
-      self._trainer = trainer_lib.Trainer(self.workdir, self.config, strategy=self.strategy)
-    return self._trainer
-
-  def run_day(self, day: dt.date) -> dict[str, Any]:
-    """Runs every step of `day` not yet complete; returns the day's step records."""
-    if self.force and self.manifest.get(day, "report"):
-      self.manifest.clear(day)
-    steps: dict[str, Callable[[dt.date], dict[str, Any]]] = {
-        "beam": self._beam, "evaluate": self._evaluate, "train": self._train,
-        "export": self._export, "report": self._report}
-    complete = [step for step in STEPS if self.manifest.done(day, step)]
-    if len(complete) == len(STEPS):
-      self.progress(f"{day} already complete (--force runs it again)")
-    elif complete:
-      self.progress(f"{day} resuming at {STEPS[len(complete)]} "
-                    f"({', '.join(complete)} already complete)")
-    for step in STEPS:
-      if self.manifest.done(day, step):
-        logging.info("%s %-8s already complete", day, step)
-        continue
-      logging.info("%s %-8s started", day, step)
-      start = time.perf_counter()
-      record = steps[step](day)
-      record["seconds"] = round(time.perf_counter() - start, 2)
-      self.manifest.mark(day, step, record)
-      logging.info("%s %-8s done in %.1f s", day, step, record["seconds"])
-      self.progress(f"{day} {step:<8} {record['seconds']:6.1f} s  "
-                    f"{_summary(step, record)}")
-    return self.manifest.days()[day.isoformat()]
-
-  def _beam(self, day: dt.date) -> dict[str, Any]:
-    stats = logs_to_tfrecords.run_day(day, self.workdir, logs=self.logs,
-                                      catalog=self.catalog,
-                                      pipeline_args=self.pipeline_args,
-                                      **self.beam_options)
-    stats_path = os.path.join(self.workdir, "data", day.isoformat(), "stats.json")
-    lines = stats["input_lines"]
-    if lines == 0:
-      raise DayFailed(f"{day}: the logs under {self.logs}/{day} hold no lines "
-                      f"(see {stats_path})")
-    rate = stats["dead_letters"] / lines
-    if rate > self.max_dead_letter_rate:
-      raise DayFailed(
-          f"{day}: dead-letter rate {rate:.4f} exceeds --max_dead_letter_rate="
-          f"{self.max_dead_letter_rate} ({stats['dead_letters']} of {lines} lines); "
-          f"see {stats_path} and the dead_letter files beside it")
-    return {"input_lines": lines, "examples": stats["examples"],
-            "duplicates": stats["duplicates"], "dead_letters": stats["dead_letters"]}
-
-  def _exports_before(self, day: dt.date) -> Optional[tuple[str, str]]:
-    """export_lib.exports_before, its errors as DayFailed naming the day."""
-    try:
-      return export_lib.exports_before(self.workdir, day)
-    except (NotADirectoryError, FileNotFoundError, ValueError) as e:
-      raise DayFailed(f"{day}: cannot list the exports: {e}") from e
-
-  def _recorded_export_before(self, day: dt.date) -> Optional[tuple[str, dict[str, Any]]]:
-    """(day, export record) of the latest day before `day` whose export the manifest
-    records as published, or None."""
-    for earlier, steps in sorted(self.manifest.days().items(), reverse=True):
-      record = steps.get(manifest_lib.EXPORT_STEP) or {}
-      if earlier < day.isoformat() and isinstance(record.get("version"), int):
-        return earlier, record
-    return None
-
-  def _evaluate(self, day: dt.date) -> dict[str, Any]:
-    found = self._exports_before(day)
-    expected = self._recorded_export_before(day)
-    if expected and (found is None or _version_of(found[1]) < expected[1]["version"]):
-      earlier, record = expected
-      missing = os.path.join(export_lib.export_base(self.workdir, export_lib.EXACT_MODEL),
-                             str(record["version"]))
-      raise DayFailed(
-          f"{day}: cannot evaluate: {missing} is missing, but the manifest "
-          f"records it as the export of {earlier} (version {record['version']}), the "
-          f"one day {day} must be scored with; restore it under "
-          f"{os.path.join(self.workdir, 'exports')}")
-    if found is None:
-      return {"skipped": "no export yet: nothing trained before this day"}
-    metrics = evaluate_lib.evaluate_day(self.workdir, day, found[0], found[1])
-    exact = metrics["exports"].get("exact") or metrics["exports"]["scann"]
-    return {"export": found[1], "export_version": exact["version"],
-            "exported_from_day": exact["exported_from_day"],
-            "metrics": os.path.join(self.workdir, "eval", day.isoformat(), "metrics.json"),
-            "recall": report.headline(metrics)}
-
-  def _behind(self, day: dt.date) -> list[dt.date]:
-    """Days before `day` the manifest records as trained but the trainer has not
-    (fully) trained: it restored a checkpoint older than the newest."""
-    last, _, complete = self.trainer.position()
-    behind = []
-    for name, steps in self.manifest.days().items():
-      trained = dt.date.fromisoformat(name)
-      if trained < day and "train" in steps and (
-          last is None or trained > last or (trained == last and not complete)):
-        behind.append(trained)
-    return behind
-
-  def _train(self, day: dt.date) -> dict[str, Any]:
-    retrained = []
-    for earlier in self._behind(day):
-      logging.warning("%s: the manifest records %s as trained, but the restored "
-                      "checkpoint %s is at %s; training %s again first", day, earlier,
-                      self.trainer.restored, self.trainer.position(), earlier)
-      self.progress(f"{earlier} train    again: the checkpoint restored "
-                    f"({self.trainer.restored}) is behind the manifest")
-      stats = self.trainer.train_day(earlier)
-      retrained.append({key: stats.get(key) for key in (
-          "day", "status", "examples", "examples_this_run", "global_step")})
-    record = _jsonable(self.trainer.train_day(day))
-    if retrained:
-      record["retrained"] = _jsonable(retrained)
-    return record
-
-  def _export(self, day: dt.date) -> dict[str, Any]:
-    found = self._exports_before(day + dt.timedelta(days=1))
-    meta = export_lib.read_metadata(found[1]) if found else {}
-    labelled_today = meta.get("day") == day.isoformat()
-    last, _, complete = self.trainer.position()
-    if labelled_today and (not self.force or (last, complete) != (day, True)):
-      # Published by a run that died before recording it, or the model has trained
-      # past D since (a forced re-run of D): keep that version.
-      return {"version": meta["version"], "scann_dir": found[0], "exact_dir": found[1],
-              "ann_recall_at_10": meta["ann"]["recall_at_10"], "reused": True}
-    if (last, complete) != (day, True):
-      return {"skipped": f"the model has trained through {last}, past {day}, and no "
-                         f"export of {day} exists; an export labelled {day} would "
-                         "hold later days"}
-    try:
-      result = export_lib.export_day(
-          self.trainer.model, self.trainer.config, self.workdir, day,
-          min_ann_recall=self.min_ann_recall, trained=self.trainer.position(),
-          global_step=self.trainer.global_step,
-          min_version=self.manifest.export_high_water + 1)
-    except (NotADirectoryError, ValueError) as e:  # W/exports a file; ANN recall too low
-      raise DayFailed(f"{day}: cannot export: {e}") from e
-    return {"version": result["version"], "scann_dir": result["scann_dir"],
-            "exact_dir": result["exact_dir"],
-            "ann_recall_at_10": result["metadata"]["ann"]["recall_at_10"]}
-
-  def _report(self, day: dt.date) -> dict[str, Any]:
-    return report.update(self.workdir, self.manifest.days(), day)
-
-
-def _summary(step: str, record: dict[str, Any]) -> str:
-  """The progress line's words for a finished step record."""
-  if "skipped" in record:
-    return f"skipped: {record['skipped']}"
-  if step == "beam":
-    return (f"{record['examples']} examples, {record['dead_letters']} dead letters, "
-            f"{record['duplicates']} duplicates")
-  if step == "evaluate":
-    recall = record["recall"]["all"]
-    figures = ", ".join(f"{method} {recall[method]['10']:.3f}"
-                        for method in report.METHODS if method in recall)
-    return (f"R@10 {figures} (export {record['export_version']} of "
-            f"{record['exported_from_day']})")
-  if step == "train":
-    loss = record.get("mean_loss")
-    words = (f"{record.get('examples')} examples, "
-             f"{'-' if loss is None else f'{loss:.3f}'} mean loss, "
-             f"global step {record.get('global_step')}")
-    if record.get("status") != "trained":
-      words += f" ({record.get('status')})"
-    if record.get("retrained"):
-      words += f"; trained again first: {', '.join(r['day'] for r in record['retrained'])}"
-    return words
-  if step == "export":
-    return (f"version {record['version']}{' (reused)' if record.get('reused') else ''}, "
-            f"ANN recall@10 {record['ann_recall_at_10']:.3f}")
-  return record.get("summary", "")
-
-
-def _jsonable(value: Any) -> Any:
-  return json.loads(json.dumps(value, default=str))
-
-
-def days_to_run(date: Optional[str], start: Optional[str], end: Optional[str],
-                available: set[dt.date], skip_missing: bool) -> tuple[list[dt.date],
-                                                                      list[dt.date]]:
-  """(days to run, days skipped for lack of logs); raises DayFailed on a gap."""
-  if date and (start or end):
-    raise flags.ValidationError("give --date, or --start_date and --end_date, not both")
-  if date:
-    first = last = app_flags.parse_day(date, "date")
-  else:
-    first = app_flags.parse_day(start, "start_date")
-    last = app_flags.parse_day(end, "end_date")
-    if last < first:
-      raise flags.ValidationError(f"--end_date {last} is before --start_date {first}")
-  wanted = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
-  missing = [d for d in wanted if d not in available]
-  if missing and (date or not skip_missing):
-    raise DayFailed(
-        f"no log partition for {', '.join(map(str, missing[:5]))}"
-        f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(wanted)} days)"
-        + ("" if date else "; pass --skip_missing_days to run only the days with logs"))
-  return [d for d in wanted if d in available], missing
-
-
-def run(workdir: str, date: Optional[str] = None, start_date: Optional[str] = None,
-        end_date: Optional[str] = None, skip_missing_days: bool = False,
-        on_start: Optional[Callable[[], None]] = None,
-        **job_options: Any) -> dict[str, Any]:
-  """Runs the asked days under the workdir lock; returns the manifest's days.
-
-  Everything that can be checked before a step runs (the dates and their log
-  partitions, the model config against W/config.json) is checked before the lock
-  is taken, so a refused run creates nothing. `on_start` is called once the lock
-  is held (an app opens its log file there). `job_options` are DailyJob's keyword
-  arguments (logs, catalog, config, progress, ...).
-
-  Raises:
-    DayFailed, flags.ValidationError: the arguments cannot be run.
-  """
-  logs = job_options.get("logs") or os.path.join(workdir, "logs")
-  days, missing = days_to_run(date, start_date, end_date, log_partitions(logs),
-                              skip_missing_days)
-  try:
-    trainer_lib.resolve_config(workdir, job_options.get("config"))
-  except ValueError as e:
-    raise flags.ValidationError(str(e)) from e
-  with workdir_lock.WorkdirLock(workdir):
-    if on_start:
-      on_start()
-    job = DailyJob(workdir, **job_options)
-    if missing:
-      reason = f"no log partition under {job.logs}"
-      line = (f"skipping {len(missing)} of {len(missing) + len(days)} days "
-              f"({missing[0]} .. {missing[-1]}): {reason}")
-      logging.warning("%s", line)
-      job.progress(line)
-      job.manifest.mark_all(missing, "skipped", {"reason": reason})
-    for day in days:
-      job.run_day(day)
-    return job.manifest.days()
-
-
-def progress_line(line: str) -> None:
-  """Prints an app's progress line at once (stdout may be a pipe)."""
-  print(line, flush=True)
-
-
-def config_from_flags(workdir: str, config_overrides: Optional[str]
-                      ) -> Optional[ModelConfig]:
-  """trainer.config_from_flags, its errors as a ValidationError naming the flags.
-
-  `config_overrides` is the --config_overrides value, for the message.
-  """
-  try:
-    return trainer_lib.config_from_flags(workdir)
-  except json.JSONDecodeError as e:
-    raise flags.ValidationError(
-        f"--config_overrides={config_overrides}: not JSON: {e}") from e
-  except (TypeError, ValueError) as e:
-    raise flags.ValidationError(f"the model flags (--config_overrides, --batch_size, "
-                                f"...): {e}") from e
 
 
 def main(argv: Sequence[str]) -> None:
   app_logging.quiet_terminal()
   try:
-    workdir = app_flags.workdir()
-    config = config_from_flags(workdir, FLAGS.config_overrides)
-  except (flags.Error, app.UsageError) as e:
-    app_flags.exit_with_error(e)
+    workdir = workdir_lib.Workdir(cli.workdir(_WORKDIR.value), _LOGS.value or "",
+                                  _CATALOG.value or "")
+    first, last = cli.day_range(_DATE.value, _START_DATE.value, _END_DATE.value)
+    overrides = cli.json_object(_CONFIG_OVERRIDES.value, _CONFIG_OVERRIDES.name)
+    overrides.update({flag.name: flag.value for flag in _MODEL_FLAGS
+                      if flag.value is not None})
+    config = config_lib.config_from_overrides(config_lib.saved_config(workdir.root),
+                                              overrides)
+    options = dict(
+        settings=daily_job.JobSettings(force=_FORCE.value,
+                                       max_dead_letter_rate=_MAX_DEAD.value,
+                                       skip_missing_days=_SKIP_MISSING.value),
+        config=config,
+        beam=beam_day.BeamSettings(allow_missing_history=_ALLOW_MISSING_HISTORY.value,
+                                   max_skew_s=_MAX_SKEW_S.value,
+                                   corpus_shards=_CORPUS_SHARDS.value,
+                                   history_shards=_HISTORY_SHARDS.value),
+        export=exporter.ExportSettings(export_k=_EXPORT_K.value,
+                                       min_ann_recall=_MIN_ANN_RECALL.value),
+        pipeline_args=argv[1:], progress=lambda line: print(line, flush=True))
+  except (flags.Error, app.UsageError, ValueError) as e:
+    cli.exit_with_error(e)
   try:
-    days = run(workdir, app_flags.DATE.value, app_flags.START_DATE.value,
-               app_flags.END_DATE.value, skip_missing_days=_SKIP_MISSING.value,
-               on_start=lambda: app_logging.log_to_file(workdir, "daily"),
-               logs=app_flags.LOGS.value, catalog=app_flags.CATALOG.value,
-               pipeline_args=argv[1:], force=_FORCE.value,
-               max_dead_letter_rate=_MAX_DEAD.value, config=config,
-               beam_options={name: getattr(FLAGS, name) for name in _BEAM_FLAGS},
-               min_ann_recall=FLAGS.min_ann_recall, progress=progress_line)
-  except (DayFailed, *_EXPECTED_ERRORS) as e:
+    days = daily_job.run(workdir, first, last,
+                         on_start=lambda: app_logging.log_to_file(workdir.root, "daily"),
+                         **options)
+  except _EXPECTED_ERRORS as e:
     logging.error("%s", e)
     where = app_logging.log_path()
-    app_flags.exit_with_error(f"{e}{f' (log: {where})' if where else ''}")
+    cli.exit_with_error(f"{e}{f' (log: {where})' if where else ''}")
   except Exception:  # the traceback goes to the log file too, then to the terminal
     logging.exception("the daily job failed")
     raise
@@ -420,4 +122,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=app_flags.parse_flags_with_beam_options)
+  app.run(main, flags_parser=cli.parse_flags_with_beam_options)

@@ -27,11 +27,14 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from core import workdir as workdir_lib
+from pipeline import coders
 from pipeline import io
-from pipeline import schema
-from pipeline import transforms
+from pipeline import parse
+from pipeline import writers
 
 SUMMARY_FILE = "summary.json"
+SHARD_PREFIX = "part"
 STATE = "state"
 USERS = "users"
 
@@ -39,6 +42,11 @@ USERS = "users"
 History = Tuple[Tuple[str, int], ...]
 # The timestamp of items read from a state line written without timestamps.
 LEGACY_TIMESTAMP = 0
+
+
+def _shards(directory: str) -> str:
+  """The pattern of a state directory's shard files."""
+  return FileSystems.join(directory, f"{SHARD_PREFIX}-*")
 
 
 class MissingHistoryError(RuntimeError):
@@ -49,30 +57,7 @@ class CorruptHistoryError(ValueError):
   """A state file that this job did not write the way it writes them."""
 
 
-def state_root(workdir: str) -> str:
-  return FileSystems.join(workdir, "state", "history")
-
-
-def state_dir(workdir: str, day: dt.date) -> str:
-  """state/history/YYYY-MM-DD of a workdir."""
-  return FileSystems.join(state_root(workdir), schema.partition_name(day))
-
-
-def _partition_days(pattern: str) -> dict[dt.date, list[str]]:
-  """Files matching `pattern` (whose parent is a YYYY-MM-DD partition) by day."""
-  days: dict[dt.date, list[str]] = {}
-  for metadata in FileSystems.match([pattern])[0].metadata_list:
-    if not io.is_data_file(metadata.path):
-      continue
-    try:
-      day = schema.parse_date(io.partition_of(metadata.path))
-    except ValueError:
-      continue
-    days.setdefault(day, []).append(metadata.path)
-  return days
-
-
-def previous_state(workdir: str, day: dt.date, logs_root: str,
+def previous_state(paths: workdir_lib.Workdir, day: dt.date,
                    allow_missing: bool = False) -> Optional[str]:
   """The state directory that day `day` continues from, or None to start empty.
 
@@ -83,25 +68,25 @@ def previous_state(workdir: str, day: dt.date, logs_root: str,
   Raises:
     MissingHistoryError: such days exist and `allow_missing` is False.
   """
-  states = _partition_days(FileSystems.join(state_root(workdir), "*", SUMMARY_FILE))
-  earlier = sorted(d for d in states if d < day)
+  states = workdir_lib.partition_files(paths.history_root, SUMMARY_FILE)
+  earlier = [d for d in states if d < day]
   latest = earlier[-1] if earlier else None
-  gap = {}
-  for pattern in (FileSystems.join(logs_root, "*", "*"),
-                  FileSystems.join(workdir, "data", "*", transforms.STATS_FILE)):
-    for d, paths in _partition_days(pattern).items():
+  gap: dict[dt.date, list[str]] = {}
+  for found in (workdir_lib.partition_files(paths.logs),
+                workdir_lib.partition_files(paths.data_root, workdir_lib.STATS)):
+    for d, files in found.items():
       if d < day and (latest is None or d > latest):
-        gap.setdefault(d, []).extend(paths)
+        gap.setdefault(d, []).extend(files)
   if gap and not allow_missing:
     first = min(gap)
     raise MissingHistoryError(
-        f"user histories for {day} need {state_dir(workdir, day - dt.timedelta(days=1))}, "
+        f"user histories for {day} need {paths.history_dir(day - dt.timedelta(days=1))}, "
         f"but the latest state before {day} is "
-        f"{state_dir(workdir, latest) if latest else 'none'} and "
+        f"{paths.history_dir(latest) if latest else 'none'} and "
         f"{len(gap)} day(s) in between have data, first {first}: {sorted(gap[first])[0]}. "
         f"Run those days first, or pass --allow_missing_history to carry on from "
         f"{'that state' if latest else 'empty histories'}.")
-  return state_dir(workdir, latest) if latest else None
+  return paths.history_dir(latest) if latest else None
 
 
 def history_line(user_id: str, entries: Sequence[tuple[str, int]]) -> bytes:
@@ -146,7 +131,7 @@ class ReadHistories(beam.PTransform):
     if self._directory is None:
       return begin | "NoState" >> beam.Create([]).with_output_types(Tuple[str, History])
     read = (begin
-            | "Pattern" >> beam.Create([FileSystems.join(self._directory, "part-*")])
+            | "Pattern" >> beam.Create([_shards(self._directory)])
             | "Read" >> io.ReadLines(allow_empty=False))
     return read.lines | "Parse" >> beam.Map(parse_history_line).with_output_types(
         Tuple[str, History])
@@ -225,10 +210,10 @@ class AttachHistories(beam.PTransform):
 
   def expand(self, inputs):
     events = inputs["events"] | "ByUser" >> beam.Map(
-        lambda e: (e[0].user_id, e)).with_output_types(Tuple[str, transforms.JoinedEvent])
+        lambda e: (e[0].user_id, e)).with_output_types(Tuple[str, parse.JoinedEvent])
     return (
         {"events": events, STATE: inputs[STATE]}
-        | "CoGroup" >> transforms.EncodedCoGroupByKey()
+        | "CoGroup" >> coders.EncodedCoGroupByKey()
         | "History" >> beam.ParDo(_HistoryFn(
             self._max_history, self._keep_from_ts)).with_outputs(
                 STATE, USERS, main="events"))
@@ -237,11 +222,16 @@ class AttachHistories(beam.PTransform):
 def _summary(written: list[tuple[str, int]], directory: str, day: dt.date,
              max_history: int) -> tuple[str, int]:
   users = sum(n for _, n in written)
-  summary = {"day": schema.partition_name(day), "users": users,
-             "max_history": max_history, "shards": sorted(name for name, _ in written)}
-  with FileSystems.create(FileSystems.join(directory, SUMMARY_FILE)) as f:
-    f.write(json.dumps(summary, indent=2, sort_keys=True).encode("utf-8") + b"\n")
+  writers.write_json(FileSystems.join(directory, SUMMARY_FILE), {
+      "day": workdir_lib.partition_name(day), "users": users, "max_history": max_history,
+      "shards": sorted(name for name, _ in written)})
   return SUMMARY_FILE, users
+
+
+def _state_record(entry: tuple[str, History]) -> tuple[tuple[str], bytes]:
+  """(user_id, History) -> its state line keyed for `writers.WriteShardedByKey`."""
+  user_id, history = entry
+  return (user_id,), history_line(user_id, history)
 
 
 class WriteHistories(beam.PTransform):
@@ -257,15 +247,15 @@ class WriteHistories(beam.PTransform):
     self._scratch_dir = scratch_dir
     self._day = day
     self._max_history = max_history
-    self._names = io.shard_names("part", num_shards, ".jsonl.gz")
+    self._num_shards = num_shards
 
   def expand(self, state):
-    names = self._names
     written = (
         state
-        | "Serialize" >> beam.Map(lambda kv: (
-            names[io.shard_of(kv[0], len(names))], (kv[0], history_line(*kv))))
-        | "Shards" >> io.WriteSortedShards(self._directory, names, self._scratch_dir))
+        | "Serialize" >> beam.Map(_state_record)
+        | "Shards" >> writers.WriteShardedByKey(self._directory, SHARD_PREFIX,
+                                                self._num_shards, ".jsonl.gz",
+                                                self._scratch_dir))
     _ = (written
          | "Gather" >> beam.combiners.ToList()
          | "Summary" >> beam.Map(_summary, self._directory, self._day, self._max_history))
@@ -276,12 +266,12 @@ def load_histories(workdir: str, day: dt.date, with_timestamps: bool = False
                    ) -> dict[str, list[Any]]:
   """The state after `day` as {user_id: items} (or (item, timestamp) pairs), most
   recent first, read in this process (small data, tools)."""
-  directory = state_dir(workdir, day)
+  directory = workdir_lib.Workdir(workdir).history_dir(day)
   if not FileSystems.exists(FileSystems.join(directory, SUMMARY_FILE)):
     raise FileNotFoundError(f"no history state at {directory}")
   out = {}
   for path in sorted(m.path for m in FileSystems.match(
-      [FileSystems.join(directory, "part-*")])[0].metadata_list):
+      [_shards(directory)])[0].metadata_list):
     for line in io.iter_lines(path):
       user_id, entries = parse_history_line(line)
       out[user_id] = [entry if with_timestamps else entry[0] for entry in entries]

@@ -9,9 +9,9 @@ loaded any version it saw and must never see a number reused for another model.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 from typing import Any, Optional, Sequence
+
+from core import workdir as workdir_lib
 
 EXPORT_STEP = "export"
 
@@ -19,13 +19,13 @@ EXPORT_STEP = "export"
 class Manifest:
   """Per-day step records. A step is complete once `mark` returned."""
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "manifest.json")
+  def __init__(self, path: str):
+    """`path`: the manifest file (core.workdir.Workdir.manifest_path)."""
+    self.path = path
     self._days: dict[str, dict[str, Any]] = {}
     self._export_high_water = 0
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        saved = json.load(f)
+    if workdir_lib.exists(path):
+      saved = workdir_lib.read_json(path)
       self._days = saved.get("days", {})
       # Manifests written before the mark was kept: the versions they record.
       self._export_high_water = saved.get("export_high_water", max(
@@ -63,13 +63,9 @@ class Manifest:
     return self._export_high_water
 
   def _write(self) -> None:
-    tmp = f"{self.path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump({"days": self._days, "export_high_water": self._export_high_water}, f,
-                indent=1, sort_keys=True)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, self.path)
+    workdir_lib.write_json(self.path, {"days": self._days,
+                                       "export_high_water": self._export_high_water},
+                           sort_keys=True)
 
 
 def _version(record: Optional[dict[str, Any]]) -> int:

@@ -8,8 +8,7 @@ made before the day (ScaNN, exact, and the popularity baseline).
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
+import io
 from typing import Any, Optional
 
 import matplotlib
@@ -17,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+
+from core import workdir as workdir_lib  # noqa: E402
 
 METHODS = ("exact", "scann", "popularity")
 KS = ("10", "50", "100")
@@ -41,18 +42,14 @@ def _row(day: str, steps: dict[str, Any]) -> dict[str, Any]:
   }
 
 
-def update(workdir: str, days: dict[str, dict[str, Any]], through: dt.date) -> dict[str, str]:
+def update(workdir: workdir_lib.Workdir, days: dict[str, dict[str, Any]],
+           through: dt.date) -> dict[str, str]:
   """Rewrites the summary JSON and plot from every day up to `through`."""
   rows = [_row(d, steps) for d, steps in sorted(days.items())
           if d <= through.isoformat() and "beam" in steps]
-  directory = os.path.join(workdir, "eval")
-  os.makedirs(directory, exist_ok=True)
-  summary = os.path.join(directory, "summary.json")
-  tmp = f"{summary}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump({"days": rows}, f, indent=1)
-  os.replace(tmp, summary)
-  plot = os.path.join(directory, "summary.png")
+  summary = workdir_lib.write_json(workdir.join("eval", workdir_lib.SUMMARY),
+                                   {"days": rows})
+  plot = workdir.join("eval", workdir_lib.SUMMARY_PLOT)
   _plot(rows, plot)
   return {"summary": summary, "plot": plot}
 
@@ -83,8 +80,10 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
   axes[0].set_ylabel("recall@K over the full corpus")
   axes[1].legend(fontsize=7, ncol=3, loc="upper left")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  image = io.BytesIO()
+  fig.savefig(image, format="png", dpi=110)
   plt.close(fig)
+  workdir_lib.atomic_write(path, image.getvalue())
 
 
 def table(days: dict[str, dict[str, Any]]) -> str:

@@ -321,11 +321,6 @@ def catalog_to_json(item: CatalogItem) -> str:
   return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def partition_name(day: dt.date) -> str:
-  """The partition directory name of a day: YYYY-MM-DD."""
-  return day.isoformat()
-
-
 def parse_date(text: str) -> dt.date:
   """YYYY-MM-DD -> date, with an error that says what was expected."""
   try:

@@ -1,22 +1,23 @@
-"""Atomic, byte-reproducible writing of gzipped JSON-lines files."""
+"""Byte-reproducible gzipped JSON-lines files, written whole or not at all."""
 
 from __future__ import annotations
 
 import gzip
-import os
+import io
 from typing import Iterable
+
+from core import workdir as workdir_lib
 
 
 def write_gz(path: str, lines: Iterable[str]) -> None:
-  """Writes `lines` (no newlines inside) to a gzip file: temp file, then rename.
+  """Writes `lines` (no newlines inside) to a gzip file with `atomic_write`.
 
   The gzip header carries no name or time, so the same lines give the same bytes.
   """
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as raw, gzip.GzipFile(
-      filename="", mode="wb", compresslevel=1, fileobj=raw, mtime=0) as f:
+  buffer = io.BytesIO()
+  with gzip.GzipFile(filename="", mode="wb", compresslevel=1, fileobj=buffer,
+                     mtime=0) as f:
     for line in lines:
       f.write(line.encode("utf-8"))
       f.write(b"\n")
-  os.replace(tmp, path)
+  workdir_lib.atomic_write(path, buffer.getvalue())

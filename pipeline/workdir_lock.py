@@ -17,6 +17,8 @@ from typing import Optional
 
 from absl import logging
 
+from core import workdir as workdir_lib
+
 
 class WorkdirLocked(RuntimeError):
   """Another live process holds the workdir."""
@@ -27,7 +29,7 @@ class WorkdirLock:
 
   def __init__(self, workdir: str):
     os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, ".lock")
+    self.path = workdir_lib.Workdir(workdir).lock_path
     self._fd: Optional[int] = None
 
   def _holder(self) -> dict:

@@ -23,17 +23,14 @@ than the model's `max_history` is cut to its most recent items, as in training.
 
 from __future__ import annotations
 
-import os
+import dataclasses
+from typing import Mapping, Optional, Union
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
 
-import dataclasses  # noqa: E402
-from typing import Mapping, Optional  # noqa: E402
-
-import tensorflow as tf  # noqa: E402
-
-from models import features as features_lib  # noqa: E402
-from serving import index as index_lib  # noqa: E402
+from models import features as features_lib
+from serving import index as index_lib
 
 SERVING_DEFAULT = "serving_default"
 RETRIEVE = "retrieve"
@@ -50,6 +47,16 @@ def _retrieve_signature() -> dict[str, tf.TensorSpec]:
   }
 
 
+_TensorOrVariable = Union[tf.Tensor, tf.Variable]
+
+
+def _variable(value: _TensorOrVariable, name: str) -> tf.Variable:
+  """`value` itself if it is a variable, else a new non-trainable one holding it."""
+  if isinstance(value, tf.Variable):
+    return value
+  return tf.Variable(value, trainable=False, name=name)
+
+
 # Fingerprints live in [0, _KEY_SPACE); -1 pads every exclusion row so that it
 # is never empty, and never matches an id.
 _KEY_SPACE = (1 << 63) - 1
@@ -60,8 +67,9 @@ def excluded(ids: tf.Tensor, exclude: tf.Tensor) -> tf.Tensor:
 
   Compares 64-bit fingerprints by binary search in each row's sorted exclusions:
   O(B (F + E) log E) time and O(B (F + E)) memory, where comparing every pair of
-  strings costs B F E. Two different ids share a fingerprint with probability
-  about 2^-63 per pair, so a false exclusion is not expected in practice.
+  strings (as TFRS's `query_with_exclusions` does) costs B F E. Two different ids
+  share a fingerprint with probability about 2^-63 per pair, so a false exclusion
+  is not expected in practice.
   """
   keys = tf.sort(tf.strings.to_hash_bucket_fast(exclude, _KEY_SPACE), axis=1)
   keys = tf.pad(keys, [[0, 0], [1, 0]], constant_values=-1)
@@ -85,13 +93,14 @@ def _check_batch(features: Mapping[str, tf.Tensor]) -> list[tf.Operation]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Towers:
-  """The Keras towers, held outside the tracked object graph (see Retriever)."""
+class _Untracked:
+  """Keras objects held outside the tracked object graph (see Retriever)."""
   query: tf.keras.Model
   candidate: tf.keras.Model
+  search: Optional[tf.keras.layers.Layer] = None
 
 
-def _state(*models: tf.keras.Model) -> list[object]:
+def _state(*models: tf.keras.layers.Layer) -> list[object]:
   """The variables and resources (e.g. lookup tables) of `models`, each once."""
   found = {}
   for model in models:
@@ -106,7 +115,9 @@ class Retriever(tf.Module):
 
   The SavedModel tracks the towers' variables and resources, not the Keras models:
   saving a tracked Keras model also traces and writes every layer's Keras call
-  functions, seconds per export that no signature uses.
+  functions, seconds per export that no signature uses. `item_ids` and
+  `item_embeddings` may be given as variables, so a search layer's own copy
+  (ExactRetriever's) is the one saved.
 
   Attributes:
     query_tower, candidate_tower: the trained towers (Keras models).
@@ -117,16 +128,16 @@ class Retriever(tf.Module):
   """
 
   def __init__(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
-               item_ids: tf.Tensor, item_embeddings: tf.Tensor, temperature: float,
-               k: int, max_history: int, max_k: int, name: str):
+               item_ids: _TensorOrVariable, item_embeddings: _TensorOrVariable,
+               temperature: float, k: int, max_history: int, max_k: int, name: str,
+               search: Optional[tf.keras.layers.Layer] = None):
     super().__init__(name=name)
     if not 1 <= k <= max_k:
       raise ValueError(f"need 1 <= k <= max_k, got k={k}, max_k={max_k}")
-    self._towers = _Towers(query_tower, candidate_tower)
+    self._keras = _Untracked(query_tower, candidate_tower, search)
     self.tower_state = _state(query_tower, candidate_tower)
-    self.item_ids = tf.Variable(item_ids, trainable=False, name="item_ids")
-    self.item_embeddings = tf.Variable(item_embeddings, trainable=False,
-                                       name="item_embeddings")
+    self.item_ids = _variable(item_ids, "item_ids")
+    self.item_embeddings = _variable(item_embeddings, "item_embeddings")
     self.k = k
     self.max_k = max_k
     self._temperature = float(temperature)
@@ -134,11 +145,11 @@ class Retriever(tf.Module):
 
   @property
   def query_tower(self) -> tf.keras.Model:
-    return self._towers.query
+    return self._keras.query
 
   @property
   def candidate_tower(self) -> tf.keras.Model:
-    return self._towers.candidate
+    return self._keras.candidate
 
   @property
   def num_items(self) -> int:
@@ -149,7 +160,7 @@ class Retriever(tf.Module):
     raise NotImplementedError
 
   def _search(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(dot products [B, <=k], rows [B, <=k]); NaN scores mark missing results."""
+    """(dot products [B, <=k], item ids [B, <=k]); NaN scores mark missing results."""
     raise NotImplementedError
 
   def _embed_query(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
@@ -162,10 +173,13 @@ class Retriever(tf.Module):
 
   def _top_k(self, queries: tf.Tensor, k: tf.Tensor,
              exclude: tf.Tensor) -> dict[str, tf.Tensor]:
-    """The best k rows not excluded, padded to exactly k with ("", -inf)."""
+    """The best k items not excluded, padded to exactly k with ("", -inf).
+
+    Fetches k + E neighbours, then drops the excluded ones by fingerprint
+    (`excluded`), so the search itself never sees the exclusions.
+    """
     fetch = tf.minimum(k + tf.shape(exclude)[1], self._fetch_limit())
-    scores, rows = self._search(queries, fetch)
-    ids = tf.gather(self.item_ids, rows)
+    scores, ids = self._search(queries, fetch)
     valid = tf.logical_not(tf.math.is_nan(scores))
     valid = tf.logical_and(valid, tf.logical_not(excluded(ids, exclude)))
     scores = tf.where(valid, scores / self._temperature, float("-inf"))
@@ -231,8 +245,12 @@ class Retriever(tf.Module):
 
 
 class ExactRetriever(Retriever):
-  """Brute-force search with stock ops only (MatMul, TopKV2): stock TF Serving loads it.
+  """TFRS's BruteForce search, stock ops only (MatMul, TopKV2): stock TF Serving loads it.
 
+  The layer indexes the embeddings with the item ids as identifiers; its two
+  variables are the export's `item_embeddings` and `item_ids`. Its own
+  `query_with_exclusions` is not used: it needs E known when tracing and compares
+  strings pairwise, where `retrieve` takes any E per request (`Retriever._top_k`).
   Scoring a batch builds a [B, n] matrix: 4 * B * n bytes.
   """
 
@@ -241,17 +259,20 @@ class ExactRetriever(Retriever):
                k: int, max_history: int, max_k: Optional[int] = None,
                name: str = "retrieval_exact"):
     num_items = int(tf.shape(item_ids)[0])
-    super().__init__(query_tower, candidate_tower, item_ids, item_embeddings,
-                     temperature, min(k, num_items), max_history,
-                     min(max_k or num_items, num_items), name)
+    search = tfrs.layers.factorized_top_k.BruteForce(k=min(k, num_items)).index(
+        tf.convert_to_tensor(item_embeddings, tf.float32),
+        tf.convert_to_tensor(item_ids, tf.string))
+    # index() creates them as "identifiers" and "candidates".
+    held = {w.name.split("/")[-1].split(":")[0]: w for w in search.weights}
+    super().__init__(query_tower, candidate_tower, held["identifiers"],
+                     held["candidates"], temperature, min(k, num_items), max_history,
+                     min(max_k or num_items, num_items), name, search=search)
 
   def _fetch_limit(self) -> int:
     return self.num_items
 
   def _search(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    scores = tf.linalg.matmul(queries, self.item_embeddings, transpose_b=True)
-    top = tf.math.top_k(scores, k=k)
-    return top.values, top.indices
+    return self._keras.search(queries, k=k)
 
 
 class ScannRetriever(Retriever):
@@ -282,7 +303,8 @@ class ScannRetriever(Retriever):
 
   def _search(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     # NaN scores mark gaps; ScannIndex leaves none while k <= max_k.
-    return self.index(queries, k=k)
+    scores, rows = self.index(queries, k=k)
+    return scores, tf.gather(self.item_ids, rows)
 
   def save_options(self) -> tf.saved_model.SaveOptions:
     return tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])

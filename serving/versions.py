@@ -6,19 +6,29 @@ appears, so a version is written whole in a staging directory beside the target
 renamed into place. A crash leaves only a staging directory, which the next export
 removes. Rename is atomic on POSIX filesystems and HDFS; on object stores (gs://,
 s3://) it is a copy, so write there from a finished local version instead.
+
+Every lookup of published versions is here: `list_versions`, `next_version`, and
+`exports_before`, the export a day's test-then-train evaluation scores (read from
+each version's `assets.extra/metadata.json`).
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
+from typing import Any, Optional
+import uuid
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+from absl import logging
+import tensorflow as tf
 
-import uuid  # noqa: E402
+from core import workdir as workdir_lib
 
-from absl import logging  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
+SCANN_MODEL = "retrieval_scann"
+EXACT_MODEL = "retrieval_exact"
+ASSETS_EXTRA = "assets.extra"
+METADATA_FILE = "metadata.json"
 _STAGING_PREFIX = ".staging-"
 
 
@@ -98,3 +108,72 @@ def publish(staged: str, base_dir: str, version: int) -> str:
     raise FileExistsError(f"{target} exists; versions are never overwritten")
   tf.io.gfile.rename(staged, target, overwrite=False)
   return target
+
+
+def metadata_path(export_dir: str) -> str:
+  """<export_dir>/assets.extra/metadata.json."""
+  return os.path.join(export_dir, ASSETS_EXTRA, METADATA_FILE)
+
+
+def write_metadata(export_dir: str, values: dict[str, Any]) -> str:
+  """Writes an export's metadata.json (atomically); returns its path."""
+  return workdir_lib.write_json(metadata_path(export_dir), values, indent=2,
+                                sort_keys=True)
+
+
+def read_metadata(export_dir: str) -> dict[str, Any]:
+  """The metadata.json of an export.
+
+  Raises:
+    FileNotFoundError: the export has none.
+    ValueError: it is not a JSON object (naming the file).
+  """
+  path = metadata_path(export_dir)
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      text = f.read()
+  except tf.errors.NotFoundError as e:
+    raise FileNotFoundError(f"{path}: missing; not an export of serving.export") from e
+  try:
+    values = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: line {e.lineno}: unreadable metadata: {e.msg}") from e
+  if not isinstance(values, dict):
+    raise ValueError(f"{path}: line 1: metadata must be a JSON object")
+  return values
+
+
+def exports_before(workdir: str, day: datetime.date) -> Optional[tuple[str, str]]:
+  """(scann_dir, exact_dir) of the newest export labelled with a day before `day`.
+
+  What day D's test-then-train evaluation scores: an export labelled D or later
+  comes from a model that has trained on D (a forced re-run of D, a catch-up
+  that ran ahead). Both variants share a version number and the exact one is
+  published last, so the exact versions are searched, newest first.
+
+  Returns:
+    The two version directories, or None when no export is labelled before `day`.
+
+  Raises:
+    FileNotFoundError: an exact version without its ScaNN twin, or without metadata.
+    ValueError: unreadable metadata, or a bad "day" in it (naming the file).
+    NotADirectoryError: W/exports, or a base under it, is a file.
+  """
+  paths = workdir_lib.Workdir(workdir)
+  scann_base = paths.exports_base(SCANN_MODEL)
+  exact_base = paths.exports_base(EXACT_MODEL)
+  for version in reversed(list_versions(exact_base)):
+    exact_dir = os.path.join(exact_base, str(version))
+    label = read_metadata(exact_dir).get("day")
+    try:
+      labelled = datetime.date.fromisoformat(label)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{metadata_path(exact_dir)}: \"day\" is {label!r}, not a "
+                       "YYYY-MM-DD date") from e
+    if labelled < day:
+      scann_dir = os.path.join(scann_base, str(version))
+      if not tf.io.gfile.isdir(scann_dir):
+        raise FileNotFoundError(
+            f"{scann_dir}: missing, though its exact twin {exact_dir} is published")
+      return scann_dir, exact_dir
+  return None

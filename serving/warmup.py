@@ -10,18 +10,16 @@ clients call.
 from __future__ import annotations
 
 import os
+from typing import Iterator, Mapping, Sequence
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import model_pb2
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_log_pb2
 
-from typing import Iterator, Mapping, Sequence  # noqa: E402
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from tensorflow_serving.apis import model_pb2  # noqa: E402
-from tensorflow_serving.apis import predict_pb2  # noqa: E402
-from tensorflow_serving.apis import prediction_log_pb2  # noqa: E402
-
-from serving import servable  # noqa: E402
+from serving import servable
+from serving import versions
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 BATCH_SIZES = (1, 8, 64)
@@ -61,7 +59,7 @@ def warmup_logs(model_name: str, queries: Mapping[str, np.ndarray],
 
 def write_warmup(export_dir: str, logs: Sequence[prediction_log_pb2.PredictionLog]) -> str:
   """Writes the records to `<export_dir>/assets.extra/`; returns the file's path."""
-  directory = os.path.join(export_dir, "assets.extra")
+  directory = os.path.join(export_dir, versions.ASSETS_EXTRA)
   tf.io.gfile.makedirs(directory)
   path = os.path.join(directory, WARMUP_FILE)
   with tf.io.TFRecordWriter(path) as writer:

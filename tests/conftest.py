@@ -1,7 +1,6 @@
-"""Test set-up: Keras 2 for TFRS before anything imports TensorFlow; repo on sys.path."""
+"""Test set-up: the repo on sys.path, and its environment (core) before TensorFlow loads."""
 import os
 import sys
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as the packages do
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import core  # noqa: E402,F401  (Keras 2 for TFRS, TensorFlow's C++ log off)

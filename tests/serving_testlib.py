@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from models import features
+from models import trainer
 from models.config import ModelConfig
 
 DAY = datetime.date(2024, 3, 5)
@@ -27,6 +28,12 @@ def tiny_config(**overrides: Any) -> ModelConfig:
                 log_every_steps=10_000, max_history=5)
   values.update(overrides)
   return ModelConfig(**values)
+
+
+def position(day: datetime.date | None, examples: int, complete: bool,
+             global_step: int = 0) -> trainer.TrainedPosition:
+  """A trained position given by hand (no checkpoint holds it)."""
+  return trainer.TrainedPosition(day, examples, complete, global_step, None)
 
 
 def write_records(path: str, rows: Iterable[Mapping[str, Any]]) -> str:

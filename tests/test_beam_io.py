@@ -1,5 +1,7 @@
-"""pipeline.io: numbered line reading, damaged files, sorted shards, atomic publishing."""
+"""pipeline.io and pipeline.writers: numbered line reading, damaged files, sorted
+shards, TFRecords, atomic publishing."""
 
+import datetime as dt
 import gzip
 import os
 import random
@@ -12,7 +14,9 @@ from apache_beam.testing.util import equal_to
 import pytest
 import tensorflow as tf
 
+from core import workdir as workdir_lib
 from pipeline import io
+from pipeline import writers
 
 
 def _write(path, data):
@@ -70,16 +74,50 @@ def test_a_damaged_gzip_raises_naming_the_file(tmp_path, damage):
     list(io.iter_lines(path))
 
 
-def test_write_tfrecords_is_readable_and_reproducible(tmp_path):
-  records = [b"alpha", b"", b"\x00" * 1000]
-  first = f"{tmp_path}/a/records.tfrecord.gz"
-  second = f"{tmp_path}/b/records.tfrecord.gz"
-  assert io.write_shard(first, records) == 3 and io.write_shard(second, records) == 3
-  assert [r.numpy() for r in tf.data.TFRecordDataset(first, compression_type="GZIP")] == records
-  with open(first, "rb") as f, open(second, "rb") as g:
-    assert f.read() == g.read()
-  io.write_shard(f"{tmp_path}/lines.jsonl.gz", [b"x", b"y"])
+@pytest.mark.parametrize("suffix", [".tfrecord.gz", ".tfrecord"])
+def test_tfrecords_are_tensorflows_bytes_and_readable(tmp_path, monkeypatch, suffix):
+  # Small chunks: compression crosses many chunk boundaries, as a large shard does.
+  monkeypatch.setattr(writers, "_CHUNK_BYTES", 100)
+  rng = random.Random(0)
+  records = [b"alpha", b"", b"\x00" * 1000] + [
+      bytes(rng.randrange(256) for _ in range(rng.randrange(400))) for _ in range(200)]
+  compression = "GZIP" if suffix.endswith(".gz") else ""
+  for name, data in (("some", records), ("none", [])):
+    ours = f"{tmp_path}/{name}{suffix}"
+    assert writers.write_shard(ours, data) == len(data)
+    theirs = f"{tmp_path}/{name}-tf{suffix}"
+    with tf.io.TFRecordWriter(theirs, options=compression) as writer:
+      for record in data:
+        writer.write(record)
+    with open(ours, "rb") as f, open(theirs, "rb") as g:
+      assert f.read() == g.read()
+    assert [r.numpy() for r in tf.data.TFRecordDataset(
+        ours, compression_type=compression)] == data
+
+
+def test_other_shards_are_newline_terminated_lines(tmp_path):
+  writers.write_shard(f"{tmp_path}/lines.jsonl.gz", [b"x", b"y"])
   assert gzip.decompress(open(f"{tmp_path}/lines.jsonl.gz", "rb").read()) == b"x\ny\n"
+
+
+def test_sharded_by_key_groups_by_the_keys_first_field_in_key_order(tmp_path):
+  keyed = [((f"f{k % 5}", k), f"{k}".encode()) for k in range(60)]
+  random.Random(1).shuffle(keyed)
+  out = f"{tmp_path}/out"
+  with beam.Pipeline(runner=FnApiRunner()) as p:
+    written = (p | beam.Create(keyed)
+               | writers.WriteShardedByKey(out, "dead", 3, ".jsonl", f"{tmp_path}/runs"))
+    assert_that(written | beam.Map(lambda kv: kv[1]) | beam.CombineGlobally(sum),
+                equal_to([60]))
+  assert sorted(os.listdir(out)) == writers.shard_names("dead", 3, ".jsonl")
+  shard_of_file = {}
+  for name in os.listdir(out):
+    lines = open(f"{out}/{name}", "rb").read().split()
+    keys = [(f"f{int(line) % 5}", int(line)) for line in lines]
+    assert keys == sorted(keys)
+    for file, _ in keys:
+      assert shard_of_file.setdefault(file, name) == name  # a file's records stay together
+  assert len(shard_of_file) == 5
 
 
 @pytest.mark.parametrize("buffer_bytes", [1, 1 << 20])
@@ -92,7 +130,7 @@ def test_sorted_shards_merge_runs_into_the_same_bytes(tmp_path, buffer_bytes):
   out = f"{tmp_path}/out"
   with beam.Pipeline(runner=FnApiRunner()) as p:
     written = (p | beam.Create(records)
-               | io.WriteSortedShards(out, names, f"{tmp_path}/runs", buffer_bytes))
+               | writers.WriteSortedShards(out, names, f"{tmp_path}/runs", buffer_bytes))
     assert_that(written, equal_to([("s0.tfrecord.gz", 134), ("s1.tfrecord.gz", 133),
                                    ("s2.tfrecord.gz", 133), ("empty.tfrecord.gz", 0)]))
   runs = os.listdir(f"{tmp_path}/runs")
@@ -136,13 +174,13 @@ def test_partition_files_are_the_files_directly_in_it(tmp_path, monkeypatch, loc
                "_temporary/0/x.jsonl"):
     _write(f"{part}/{name}", b"{}\n")
   os.makedirs(f"{part}/empty_folder")
-  assert io.partition_files(part) == [f"{part}/a.jsonl.gz", f"{part}/b.jsonl"]
-  assert io.partition_names(f"{tmp_path}/logs") == ["2024-01-01"]
-  assert io.partition_files(f"{tmp_path}/logs/2024-01-02") == []
+  assert io.partition_inputs(part) == [f"{part}/a.jsonl.gz", f"{part}/b.jsonl"]
+  assert workdir_lib.partition_dates(f"{tmp_path}/logs") == [dt.date(2024, 1, 1)]
+  assert io.partition_inputs(f"{tmp_path}/logs/2024-01-02") == []
   _write(f"{part}/sub/c.jsonl", b"{}\n")
   with pytest.raises(io.PartitionLayoutError,
                      match=re.escape(f"{part}/sub/c.jsonl (in a subfolder)")):
-    io.partition_files(part)
+    io.partition_inputs(part)
 
 
 def test_partition_files_refuse_dangling_and_followed_links(tmp_path):
@@ -152,12 +190,12 @@ def test_partition_files_refuse_dangling_and_followed_links(tmp_path):
   os.symlink(f"{tmp_path}/elsewhere/x.jsonl", f"{part}/linked.jsonl")   # read
   os.symlink(f"{tmp_path}/missing.jsonl", f"{part}/.hidden_link")       # not read
   os.symlink(part, f"{part}/_loop")                                      # hidden
-  assert io.partition_files(part) == [f"{part}/a.jsonl", f"{part}/linked.jsonl"]
+  assert io.partition_inputs(part) == [f"{part}/a.jsonl", f"{part}/linked.jsonl"]
   os.symlink(f"{tmp_path}/missing.jsonl", f"{part}/dangling.jsonl")
   os.symlink(f"{tmp_path}/elsewhere", f"{part}/linked_folder")
   os.symlink(part, f"{part}/loop")  # its files are the partition's own: walked once
   with pytest.raises(io.PartitionLayoutError) as raised:
-    io.partition_files(part)
+    io.partition_inputs(part)
   assert str(raised.value) == (
       f"{part} holds 2 file(s) that the job would not read: "
       f"{part}/dangling.jsonl (a dangling symbolic link to {tmp_path}/missing.jsonl); "

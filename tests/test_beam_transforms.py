@@ -10,10 +10,13 @@ from apache_beam.testing.util import assert_that
 from apache_beam.testing.util import equal_to
 import pytest
 
+from core import workdir as workdir_lib
+from pipeline import coders
 from pipeline import history
 from pipeline import io
+from pipeline import parse
 from pipeline import schema
-from pipeline import transforms
+from pipeline import stats
 
 DAY = dt.date(2024, 3, 10)
 START, _ = schema.day_bounds(DAY)
@@ -38,7 +41,7 @@ def test_parse_events_splits_lines_into_events_and_dead_letters():
                                      "item_id": "i"}).encode(), 40),
   ]
   with _pipeline() as p:
-    parsed = p | beam.Create(lines) | transforms.ParseEvents(DAY, max_skew_s=3600)
+    parsed = p | beam.Create(lines) | parse.ParseEvents(DAY, max_skew_s=3600)
     assert_that(parsed.events, equal_to([(_event("e", START), "f", 1)]), label="events")
     assert_that(
         parsed.dead_letters
@@ -52,7 +55,7 @@ def test_dedupe_keeps_the_earliest_copy_whatever_the_arrival_order():
   copies = [(_event("e", 50, item="late"), "a", 1), (_event("e", 10, item="first"), "b", 7),
             (_event("e", 10, item="tie"), "b", 9), (_event("f", 5), "a", 2)]
   with _pipeline() as p:
-    result = p | beam.Create(copies) | transforms.DedupeEvents()
+    result = p | beam.Create(copies) | parse.DedupeEvents()
     assert_that(result.events, equal_to([_event("e", 10, item="first"), _event("f", 5)]),
                 label="events")
     assert_that(result.sources, equal_to(["b", "a"]), label="sources")
@@ -67,7 +70,7 @@ def test_latest_catalog_line_wins_by_partition_then_file_then_line():
              entry("day3-a-1", "c/2024-01-03/a.jsonl", 1),
              entry("day1", "c/2024-01-01/z.jsonl", 99)]
   with _pipeline() as p:
-    corpus = p | beam.Create(entries) | transforms.LatestCatalog()
+    corpus = p | beam.Create(entries) | parse.LatestCatalog()
     assert_that(corpus, equal_to([("i", schema.CatalogItem(item_id="i",
                                                            channel_id="day3-a-2"))]))
 
@@ -79,7 +82,7 @@ def test_join_gives_known_items_their_features_and_counts_unknown_ones():
     events = p | "Events" >> beam.Create([_event("1", 1, item="k"), _event("2", 2, item="u"),
                                           _event("3", 3, item="u")])
     corpus = p | "Corpus" >> beam.Create([("k", known), ("other", known)])
-    joined = {"events": events, "corpus": corpus} | transforms.JoinCatalog()
+    joined = {"events": events, "corpus": corpus} | parse.JoinCatalog()
     unknown = schema.CatalogItem(item_id="u")
     assert_that(joined.events, equal_to([
         (_event("1", 1, item="k"), known), (_event("2", 2, item="u"), unknown),
@@ -172,14 +175,14 @@ def test_encoded_cogroup_matches_beams_cogroup():
         ("k", {"l": [_event("1", 1), _event("2", 2)], "r": [schema.CatalogItem("k")]}),
         ("j", {"l": [_event("3", 3)], "r": []}),
         ("z", {"l": [], "r": [schema.CatalogItem("z")]})]
-    ours = inputs | "Ours" >> transforms.EncodedCoGroupByKey() | "N1" >> beam.Map(normal)
+    ours = inputs | "Ours" >> coders.EncodedCoGroupByKey() | "N1" >> beam.Map(normal)
     beams = inputs | "Beams" >> beam.CoGroupByKey() | "N2" >> beam.Map(normal)
     assert_that(ours, equal_to(expected), label="ours")
     assert_that(beams, equal_to(expected), label="beams")
 
 
 def test_event_coder_round_trips_without_pickling():
-  coder = transforms.EventCoder()
+  coder = coders.EventCoder()
   event = schema.Event("e", 1704067200, "u", "i", 0.25, "s", "ios", "US")
   encoded = coder.encode(event)
   assert coder.decode(encoded) == event
@@ -195,20 +198,21 @@ def _counts(**by_file):
 def test_stats_hold_the_equation_and_refuse_a_lost_line():
   good = _counts(lines={("a", ""): 5}, examples={("a", ""): 2},
                  duplicates={("a", ""): 1}, dead_letters={("a", "malformed_json"): 2},
-                 written={("", "examples-00.tfrecord.gz"): 2,
-                          ("", "dead_letter-logs-00000-of-00001.jsonl"): 2})
-  stats = transforms.assemble_stats(good, {"day": "2024-03-10"})
-  assert stats["files"]["a"] == {"lines": 5, "examples": 2, "duplicates": 1,
-                                 "dead_letters": 2,
-                                 "dead_letters_by_reason": {"malformed_json": 2}}
-  assert stats["day"] == "2024-03-10" and stats["input_lines"] == 5
+                 written={(stats.OUT_EXAMPLES, "examples-00.tfrecord.gz"): 2,
+                          (stats.OUT_DEAD_LETTERS, "dead_letter-logs-00000-of-00001.jsonl"): 2})
+  day = stats.assemble_stats(good, {"day": "2024-03-10"})
+  assert day["files"]["a"] == {"lines": 5, "examples": 2, "duplicates": 1,
+                               "dead_letters": 2,
+                               "dead_letters_by_reason": {"malformed_json": 2}}
+  assert day["day"] == "2024-03-10" and day["input_lines"] == 5
+  assert day["examples_by_file"] == {"examples-00.tfrecord.gz": 2}
 
   lost = [pair for pair in good if pair[0][0] != "duplicates"]
-  with pytest.raises(transforms.StatsMismatchError, match="a: lines != examples"):
-    transforms.assemble_stats(lost, {})
+  with pytest.raises(stats.StatsMismatchError, match="a: lines != examples"):
+    stats.assemble_stats(lost, {})
   unwritten = [pair for pair in good if pair[0][2] != "examples-00.tfrecord.gz"]
-  with pytest.raises(transforms.StatsMismatchError, match="examples: counted 2 but wrote 0"):
-    transforms.assemble_stats(unwritten, {})
+  with pytest.raises(stats.StatsMismatchError, match="examples: counted 2 but wrote 0"):
+    stats.assemble_stats(unwritten, {})
 
 
 def _touch(path):
@@ -218,18 +222,18 @@ def _touch(path):
 
 def test_previous_state_skips_empty_days_but_not_days_with_data(tmp_path):
   workdir, logs = str(tmp_path), f"{tmp_path}/logs"
+  paths = workdir_lib.Workdir(workdir)
   day = dt.date(2024, 1, 10)
-  assert history.previous_state(workdir, day, logs) is None
+  assert history.previous_state(paths, day) is None
   _touch(f"{workdir}/state/history/2024-01-07/{history.SUMMARY_FILE}")
   _touch(f"{logs}/2024-01-07/a.jsonl")
   _touch(f"{logs}/2024-01-10/a.jsonl")
   _touch(f"{logs}/2024-01-11/a.jsonl")
   _touch(f"{logs}/2024-01-08/.hidden")           # not data
   _touch(f"{workdir}/state/history/.tmp-2024-01-09-x/{history.SUMMARY_FILE}")  # not state
-  assert history.previous_state(workdir, day, logs) == history.state_dir(
-      workdir, dt.date(2024, 1, 7))
+  assert history.previous_state(paths, day) == paths.history_dir(dt.date(2024, 1, 7))
   _touch(f"{workdir}/data/2024-01-09/stats.json")
   with pytest.raises(history.MissingHistoryError, match="2024-01-09"):
-    history.previous_state(workdir, day, logs)
-  assert history.previous_state(workdir, day, logs, allow_missing=True) == (
-      history.state_dir(workdir, dt.date(2024, 1, 7)))
+    history.previous_state(paths, day)
+  assert history.previous_state(paths, day, allow_missing=True) == (
+      paths.history_dir(dt.date(2024, 1, 7)))

@@ -12,8 +12,8 @@ import pytest
 
 from models.config import ModelConfig
 from models.config import write_config
-from pipeline import app_flags
-from pipeline import synthetic
+from core import cli
+from pipeline import synthetic_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE = re.compile(r"cpu_feature_guard|oneDNN|apitools|cuda|cuInit|absl::|"
@@ -46,7 +46,7 @@ def _one_line_error(proc, *words):
 def logs_only(tmp_path):
   """A workdir holding one day of raw logs and catalog, and nothing else."""
   w = str(tmp_path / "w")
-  synthetic.generate(w, synthetic.WorldConfig(start_date=dt.date(2024, 1, 1), days=1,
+  synthetic_world.generate(w, synthetic_world.WorldConfig(start_date=dt.date(2024, 1, 1), days=1,
                                               users=20, items=30, events_per_day=50))
   return w
 
@@ -118,11 +118,11 @@ def test_check_beam_args():
   ok = ["--runner=DirectRunner", "--direct_num_workers", "2", "--project=p",
         "--temp_location=gs://b/t", "--flink_master=h:8081", "--environment_type=PROCESS",
         "--setup_file=./setup.py"]
-  assert app_flags.check_beam_args(ok) == ok
-  assert app_flags.check_beam_args([]) == []
+  assert cli.check_beam_args(ok) == ok
+  assert cli.check_beam_args([]) == []
   for bad, message in ((["--runer=X"], "unknown flag --runer"),
                        (["--runner"], "--runner: expected one argument"),
                        (["--direct_running_mode=fast"], "invalid choice: 'fast'"),
                        (["-h"], "use --help")):
     with pytest.raises(flags.Error, match=re.escape(message)):
-      app_flags.check_beam_args(bad)
+      cli.check_beam_args(bad)

@@ -19,7 +19,7 @@ import types
 
 import pytest
 
-from pipeline import synthetic
+from pipeline import synthetic_world
 from pipeline import workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +67,7 @@ def run(tmp_path_factory):
   newest is day 2's last (test_checkpoint_fallback_retrains_the_lost_day).
   """
   w = str(tmp_path_factory.mktemp("daily"))
-  synthetic.generate(w, synthetic.WorldConfig(
+  synthetic_world.generate(w, synthetic_world.WorldConfig(
       start_date=dt.date(2024, 1, 1), days=4, users=150, items=400, new_items_per_day=20,
       events_per_day=1200, bad_line_rate=0.005, seed=3))
   env = dict(os.environ, TOWERSTREAM_KILL_AFTER_STEP=str(KILL_AFTER_STEP))
@@ -118,8 +118,8 @@ def test_terminal_shows_progress_and_the_log_goes_to_a_file(run, workdir):
   with open(logs[-1]) as f:
     log = f.read()
   assert re.search(r"^I\d{4} .*trainer\.py:\d+\] day 2024-01-03 done", log, re.MULTILINE)
-  assert re.search(r"^I\d{4} .*logs_to_tfrecords\.py:\d+\]", log, re.MULTILINE)
-  assert re.search(r"^I\d{4} .*export\.py:\d+\] published version 3", log, re.MULTILINE)
+  assert re.search(r"^I\d{4} .*beam_day\.py:\d+\]", log, re.MULTILINE)
+  assert re.search(r"^I\d{4} .*exporter\.py:\d+\] published version 3", log, re.MULTILINE)
 
 
 def test_exports_and_metrics(workdir):
@@ -187,7 +187,7 @@ def test_missing_day_and_dead_letter_rate_fail_clearly(workdir, tmp_path):
   assert proc.returncode == 2
   assert "no log partition for 2024-02-01" in proc.stderr
   bad = str(tmp_path / "bad")
-  synthetic.generate(bad, synthetic.WorldConfig(days=1, users=50, items=100,
+  synthetic_world.generate(bad, synthetic_world.WorldConfig(days=1, users=50, items=100,
                                                 events_per_day=300, bad_line_rate=0.2))
   proc = _daily(bad, "--date=2024-01-01", "--max_dead_letter_rate=0.05")
   assert proc.returncode == 2

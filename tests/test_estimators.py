@@ -1,16 +1,12 @@
-"""Tests for estimators/: the streaming, exact and count-min frequency layers."""
+"""Tests for estimators/: the streaming, exact, count-min and decayed-count layers."""
 
-import os
+import numpy as np
+import pytest
+import tensorflow as tf
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import estimators  # noqa: E402
-from estimators import hashing  # noqa: E402
-from estimators import simulation  # noqa: E402
+import estimators
+from estimators import hashing
+from estimators import simulation
 
 ALPHA = 0.1
 
@@ -345,9 +341,25 @@ def test_stats_and_config():
   # float32 == float64 (True under NumPy 2's scalar rules, False under NumPy 1's).
   occupied = float(stats["occupancy"]) * 200
   assert any(occupied == pytest.approx(cells, abs=1e-4) for cells in (3, 4)), occupied
-  clone = estimators.StreamingFrequencyEstimator.from_config(layer.get_config())
-  assert clone.get_config() == layer.get_config()
   assert layer.memory_bytes == 2 * 100 * 12
+
+
+@pytest.mark.parametrize("kind,kwargs,bucket_bytes", [
+    ("streaming", dict(num_buckets=100, num_hashes=2, alpha=0.2, init="first_gap",
+                       count_multiplicity=True, staleness=0.5, hash_seed=3), 12),
+    ("exact", dict(method="gap", alpha=0.2, init="prior", staleness=0.5), None),
+    ("count_min", dict(num_buckets=100, num_hashes=2, hash_seed=3), 8),
+    ("decayed_count", dict(num_buckets=100, num_hashes=2, decay=0.1,
+                           conservative=False, hash_seed=3), 12),
+])
+def test_config_holds_every_argument(kind, kwargs, bucket_bytes):
+  layer = estimators.make_estimator(kind, max_probability=5.0, name="f", **kwargs)
+  config = layer.get_config()
+  assert {**kwargs, "max_probability": 5.0, "name": "f"}.items() <= config.items()
+  clone = estimators.ESTIMATORS[kind].from_config(config)
+  assert clone.get_config() == config
+  if bucket_bytes is not None:
+    assert layer.memory_bytes == 2 * 100 * bucket_bytes
 
 
 def test_bad_arguments_raise():
@@ -359,5 +371,12 @@ def test_bad_arguments_raise():
     estimators.StreamingFrequencyEstimator(num_buckets=8, init="zero")
   with pytest.raises(ValueError, match="method"):
     estimators.ExactFrequencyEstimator(method="exactly")
+  with pytest.raises(ValueError, match="num_buckets"):
+    estimators.DecayedCountFrequencyEstimator(num_buckets=0)
+  with pytest.raises(ValueError, match="decay"):
+    estimators.DecayedCountFrequencyEstimator(num_buckets=8, decay=1.0)
+  # The exact "gap" method shares the streaming checks, staleness's included.
+  with pytest.raises(ValueError, match="staleness"):
+    estimators.ExactFrequencyEstimator(method="gap", staleness=-1.0)
   with pytest.raises(TypeError, match="integer"):
     estimators.CountMinFrequencyEstimator(num_buckets=8)(["a"], 1.0)

@@ -17,11 +17,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from serving import evaluate
-from serving import export
+from core import workdir as workdir_lib
+from evaluation import baselines
+from evaluation import evaluator
+from evaluation import recall
+from evaluation import records
+from serving import exporter
 from serving import index
-from serving import recall
 from serving import servable
+from serving import versions
 import serving_testlib as tl
 
 N = 120
@@ -44,9 +48,9 @@ def test_popularity_order_deciles_and_ranks_with_exclusions():
   ids = np.array([f"x{j:02d}".encode() for j in range(20)], object)
   counts = np.zeros(20, np.int64)
   counts[[7, 3, 12]] = [5, 2, 2]  # x07 first, then the tie x03 < x12, then by id
-  order = recall.popularity_order(ids, counts)
+  order = baselines.popularity_order(ids, counts)
   np.testing.assert_array_equal(order[:5], [7, 3, 12, 0, 1])
-  deciles = recall.popularity_deciles(ids, counts)
+  deciles = baselines.popularity_deciles(ids, counts)
   assert np.bincount(deciles).tolist() == [2] * 10
   assert set(np.flatnonzero(deciles == 9)) == {7, 3}
   assert set(np.flatnonzero(deciles == 8)) == {12, 0}
@@ -54,7 +58,7 @@ def test_popularity_order_deciles_and_ranks_with_exclusions():
   targets = np.array([b"x05", b"x05", b"zz"], object)
   seen = [set(), {b"x03", b"x04", b"x19"}, set()]
   # Skipping x03 and x04 (ranked above x05) moves it up two; x19 is below it.
-  np.testing.assert_array_equal(recall.popularity_ranks(ids, counts, targets, seen),
+  np.testing.assert_array_equal(baselines.popularity_ranks(ids, counts, targets, seen),
                                 [7, 5, recall.MISS])
 
 
@@ -108,10 +112,13 @@ def hand_world(tmp_path_factory):
   # All 11 leaves searched and all 120 items reordered: ScaNN is exact here.
   params = index.ScannParams(num_leaves=11, num_leaves_to_search=11,
                              num_reordering_candidates=N)
-  exported = export.export_day(model, tl.tiny_config(), workdir, P2, k=100,
-                               scann_params=params, trained=(P2, 3, True))
-  metrics = evaluate.evaluate_day(workdir, D, exported["scann_dir"],
-                                  exported["exact_dir"])
+  exported = exporter.export_day(
+      model, tl.tiny_config(), workdir, P2,
+      exporter.ExportSettings(export_k=100, scann_params=params),
+      trained=tl.position(P2, 3, True))
+  # Standalone: no state given, a fresh one.
+  metrics = evaluator.evaluate_day(workdir, D, exported["scann_dir"],
+                                   exported["exact_dir"])
   return workdir, exported, metrics
 
 
@@ -196,9 +203,9 @@ def test_retrieve_signature_excludes_and_pads(hand_world):
 
 def _publish_copy(workdir, model_name, source, version, day):
   """Publishes a copy of version `source` of `model_name` as `version`, labelled `day`."""
-  base = export.export_base(workdir, model_name)
+  base = workdir_lib.Workdir(workdir).exports_base(model_name)
   shutil.copytree(os.path.join(base, str(source)), os.path.join(base, str(version)))
-  path = os.path.join(base, str(version), "assets.extra", export.METADATA_FILE)
+  path = versions.metadata_path(os.path.join(base, str(version)))
   with open(path) as f:
     meta = json.load(f)
   meta.update(version=version, day=day.isoformat())
@@ -214,34 +221,76 @@ def test_evaluate_cli_scores_both_exports_of_the_newest_version_before_the_day(
   # Version 1 is labelled P2. Version 2 (P2) crashed between its publications:
   # ScaNN only. Version 3 is labelled D: trained on D, it must not score D.
   assert exported["version"] == 1
-  _publish_copy(workdir, export.SCANN_MODEL, 1, 2, P2)
-  for name in (export.SCANN_MODEL, export.EXACT_MODEL):
+  _publish_copy(workdir, versions.SCANN_MODEL, 1, 2, P2)
+  for name in (versions.SCANN_MODEL, versions.EXACT_MODEL):
     _publish_copy(workdir, name, 1, 3, D)
   env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
   result = subprocess.run(
-      [sys.executable, "-m", "serving.evaluate", f"--workdir={workdir}",
+      [sys.executable, "-m", "evaluation.evaluate", f"--workdir={workdir}",
        f"--date={D.isoformat()}"], env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "eval", D.isoformat(), "metrics.json")) as f:
     written = json.load(f)
   assert written["recall"] == metrics["recall"]
-  for variant, name in (("scann", export.SCANN_MODEL), ("exact", export.EXACT_MODEL)):
+  for variant, name in (("scann", versions.SCANN_MODEL), ("exact", versions.EXACT_MODEL)):
     assert written["exports"][variant]["dir"] == os.path.join(
-        export.export_base(workdir, name), "1")
+        workdir_lib.Workdir(workdir).exports_base(name), "1")
   # The only exports are labelled P2 and D, so day P1 has none to score.
   result = subprocess.run(
-      [sys.executable, "-m", "serving.evaluate", f"--workdir={workdir}",
+      [sys.executable, "-m", "evaluation.evaluate", f"--workdir={workdir}",
        f"--date={P1.isoformat()}"], env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0
-  assert "no export from a day before" in result.stderr
+  assert result.returncode == 2
+  assert "error: no export from a day before" in result.stderr
 
 
-def test_day_interactions_are_cached_until_the_files_change(tmp_path):
-  path = str(tmp_path / "examples-00.tfrecord.gz")
-  tl.write_records(path, [tl.event_row("e1", "u1", "a"), tl.event_row("e2", "u2", "b")])
-  assert evaluate.day_interactions([path]) == ([b"u1", b"u2"], [b"a", b"b"])
-  assert evaluate.day_interactions([path]) is evaluate.day_interactions([path])
-  os.remove(path)  # A forced re-run rewrites the day: the cache must not answer.
-  tl.write_records(path, [tl.event_row("e3", "u3", "c")])
+def test_training_interactions_are_a_running_total_rebuilt_when_a_day_changes(
+    tmp_path, monkeypatch):
+  """Evaluating day after day reads each earlier day once; a rewritten day counts anew."""
+  workdir = str(tmp_path)
+  days = [P1 + datetime.timedelta(days=i) for i in range(3)]
+  for n, day in enumerate(days):
+    tl.write_records(os.path.join(tl.day_dir(workdir, day), "examples-00.tfrecord.gz"),
+                     [tl.event_row(f"e{n}", f"u{n}", "a"), tl.event_row(f"f{n}", "u", "b")])
+  read = []
+  real = records.corpus_lib.read_columns
+  monkeypatch.setattr(records.corpus_lib, "read_columns",
+                      lambda files, *a, **k: read.extend(files) or real(files, *a, **k))
+  total = records.TrainingInteractions()
+  assert total.before(workdir, days[1]).day_names == [days[0].isoformat()]
+  total.before(workdir, days[2] + datetime.timedelta(days=1))
+  assert total.day_names == [d.isoformat() for d in days]
+  assert total.counts == {b"a": 3, b"b": 3}
+  assert total.seen == {b"u0": {b"a"}, b"u1": {b"a"}, b"u2": {b"a"}, b"u": {b"b"}}
+  assert len(read) == 3  # each day once
+  # A forced re-run rewrites day 1: the total is rebuilt, from the new files.
+  path = os.path.join(tl.day_dir(workdir, days[1]), "examples-00.tfrecord.gz")
+  os.remove(path)
+  tl.write_records(path, [tl.event_row("g", "u9", "c")])
   os.utime(path, ns=(1, 1))
-  assert evaluate.day_interactions([path]) == ([b"u3"], [b"c"])
+  total.before(workdir, days[2])
+  assert total.counts == {b"a": 1, b"b": 1, b"c": 1}
+  assert total.seen == {b"u0": {b"a"}, b"u": {b"b"}, b"u9": {b"c"}}
+  # An earlier day than the last asked for: rebuilt too, not the later total.
+  assert total.before(workdir, days[1]).counts == {b"a": 1, b"b": 1}
+  assert len(read) == 3 + 2 + 1
+
+
+def test_the_evaluation_scores_the_exports_the_daily_state_holds(hand_world, tmp_path,
+                                                                 monkeypatch):
+  """Given the ExportState's published exports, evaluate_day loads none from disk,
+  and its figures are those of a standalone evaluation."""
+  source, exported, metrics = hand_world
+  state = evaluator.EvaluationState(exports=exporter.LoadedExports())
+  for path in (exported["scann_dir"], exported["exact_dir"]):
+    state.exports.put(path, tf.saved_model.load(path))
+
+  def no_load(path, *args, **kwargs):
+    raise AssertionError(f"loaded {path} again")
+
+  monkeypatch.setattr(tf.saved_model, "load", no_load)
+  workdir = str(tmp_path / "w")
+  shutil.copytree(source, workdir, ignore=shutil.ignore_patterns("eval"))
+  again = evaluator.evaluate_day(workdir, D, exported["scann_dir"],
+                                 exported["exact_dir"], state=state)
+  assert again["recall"] == metrics["recall"]
+  assert state.interactions.day_names == [P1.isoformat(), P2.isoformat()]

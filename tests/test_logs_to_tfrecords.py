@@ -1,4 +1,5 @@
-"""The day's Beam job end to end on the DirectRunner's engine, on tiny hand-made logs."""
+"""The day's Beam job (pipeline.beam_day and its app, pipeline.logs_to_tfrecords) end to
+end on the DirectRunner's engine, on tiny hand-made logs."""
 
 import collections
 import datetime as dt
@@ -14,12 +15,14 @@ import sys
 import pytest
 import tensorflow as tf
 
+from core import workdir as workdir_lib
+from models import config as config_lib
 from models import features
+from pipeline import beam_day
 from pipeline import history
 from pipeline import io
-from pipeline import logs_to_tfrecords
 from pipeline import schema
-from pipeline import synthetic
+from pipeline import synthetic_world
 from pipeline import workdir_lock
 
 DAY = dt.date(2024, 3, 10)
@@ -99,7 +102,7 @@ def _hand_made_day(workdir):
 def test_hand_made_day_gives_exact_features_corpus_and_stats(tmp_path):
   workdir = str(tmp_path)
   _hand_made_day(workdir)
-  stats = logs_to_tfrecords.run_day(DAY, workdir)
+  stats = beam_day.run_day(DAY, workdir)
 
   i1 = {"item_id": "i1", "item_channel_id": "c1", "item_topics": ["t1", "t2"],
         "item_topic_weights": [pytest.approx(0.7), pytest.approx(0.3)],
@@ -165,10 +168,10 @@ def test_histories_are_carried_across_days_and_required(tmp_path):
       _event("b3", start2 + 3, "u1", "i5")])
 
   with pytest.raises(history.MissingHistoryError, match=str(day1)):
-    logs_to_tfrecords.run_day(day2, workdir, max_history=3)
+    beam_day.run_day(day2, workdir, beam_day.BeamSettings(max_history=3))
 
-  logs_to_tfrecords.run_day(day1, workdir, max_history=3)
-  stats = logs_to_tfrecords.run_day(day2, workdir, max_history=3)
+  beam_day.run_day(day1, workdir, beam_day.BeamSettings(max_history=3))
+  stats = beam_day.run_day(day2, workdir, beam_day.BeamSettings(max_history=3))
 
   day2_examples = [(r["event_id"], r["history_item_ids"], r["seed_item_id"])
                    for _, r in _examples(workdir, day2)]
@@ -177,7 +180,7 @@ def test_histories_are_carried_across_days_and_required(tmp_path):
                            ("b3", ["i4", "i3", "i2"], "i4")]
   assert history.load_histories(workdir, day2) == {"u1": ["i5", "i4", "i3"],
                                                    "u2": ["i9"]}
-  assert stats["previous_history_state"] == history.state_dir(workdir, day1)
+  assert stats["previous_history_state"] == workdir_lib.Workdir(workdir).history_dir(day1)
   assert (stats["users"], stats["history_users"]) == (1, 2)
 
 
@@ -186,7 +189,7 @@ def test_missing_history_can_be_allowed(tmp_path):
   day0 = DAY - dt.timedelta(days=1)
   _write(f"{workdir}/logs/{day0}/a.jsonl", [_event("z", START - 5000, "u1", "i0")])
   _write(f"{workdir}/logs/{DAY}/a.jsonl", [_event("a", START + 1, "u1", "i1")])
-  stats = logs_to_tfrecords.run_day(DAY, workdir, allow_missing_history=True)
+  stats = beam_day.run_day(DAY, workdir, beam_day.BeamSettings(allow_missing_history=True))
   assert [r["history_item_ids"] for _, r in _examples(workdir)] == [[]]
   assert stats["previous_history_state"] is None
 
@@ -215,7 +218,7 @@ def test_dedupe_keeps_the_earliest_copy_and_output_is_in_time_order(tmp_path):
   for name, lines in files.items():
     _write(f"{workdir}/logs/{DAY}/{name}", lines)
 
-  stats = logs_to_tfrecords.run_day(DAY, workdir)
+  stats = beam_day.run_day(DAY, workdir)
   records = [r for _, r in _examples(workdir)]
   order = [(r["timestamp"], r["event_id"]) for r in records]
   assert order == sorted(order) and len(set(order)) == len(order)
@@ -248,7 +251,7 @@ def _reference(paths, day):
 
 def test_fuzzed_day_produces_every_reason_and_loses_no_line(tmp_path):
   workdir = str(tmp_path)
-  synthetic.generate(workdir, synthetic.WorldConfig(
+  synthetic_world.generate(workdir, synthetic_world.WorldConfig(
       start_date=DAY, days=1, users=40, items=80, new_items_per_day=5,
       events_per_day=2000, shards=2, bad_line_rate=0.05, seed=3))
   huge = b'{"event_id":"' + b"x" * (10 << 20) + b'","user_id":"u","item_id":"i","ts":1}'
@@ -269,7 +272,7 @@ def test_fuzzed_day_produces_every_reason_and_loses_no_line(tmp_path):
   _write(nasty_path, nasty)
   paths = sorted(glob.glob(f"{workdir}/logs/{DAY}/*"))
 
-  stats = logs_to_tfrecords.run_day(DAY, workdir)
+  stats = beam_day.run_day(DAY, workdir)
 
   reasons, examples, duplicates = _reference(paths, DAY)
   assert set(stats["dead_letters_by_reason"]) == set(schema.EVENT_REASONS)
@@ -313,7 +316,7 @@ def test_a_damaged_gzip_fails_the_day_naming_the_file(tmp_path, damage):
     f.write(bytes(data))
 
   with pytest.raises(Exception, match=re.escape(f"cannot read {bad}")):
-    logs_to_tfrecords.run_day(DAY, workdir)
+    beam_day.run_day(DAY, workdir)
   assert not os.path.exists(f"{workdir}/data/{DAY}")
   assert not glob.glob(f"{workdir}/data/.*") and not glob.glob(f"{workdir}/state/history/.*")
 
@@ -324,8 +327,8 @@ def test_a_rerun_gives_the_same_bytes_and_clears_a_crashed_attempt(tmp_path):
   # A day before, so that the run also reads and carries history state.
   _write(f"{workdir}/logs/{DAY - dt.timedelta(days=1)}/a.jsonl",
          [_event("y1", START - 9000, "u1", "i7"), _event("y2", START - 8000, "u3", "i8")])
-  logs_to_tfrecords.run_day(DAY - dt.timedelta(days=1), workdir)
-  logs_to_tfrecords.run_day(DAY, workdir)
+  beam_day.run_day(DAY - dt.timedelta(days=1), workdir)
+  beam_day.run_day(DAY, workdir)
   first = {kind: _tree(f"{workdir}/{kind}/{DAY}") for kind in ("data", "state/history")}
   crashed = f"{workdir}/data/.tmp-{DAY}-0123456789ab"
   _write(f"{crashed}/examples-00.tfrecord.gz", [b"half written"])
@@ -353,10 +356,10 @@ def test_a_late_event_gets_only_items_from_before_it(tmp_path):
   _write(f"{workdir}/logs/{day2}/a.jsonl", [
       _event("late", END - 1800, "u1", "late_item"),
       _event("next", END + 3600, "u1", "next_item")])
-  logs_to_tfrecords.run_day(DAY, workdir, max_history=1)
+  beam_day.run_day(DAY, workdir, beam_day.BeamSettings(max_history=1))
   assert history.load_histories(workdir, DAY, with_timestamps=True) == {
       "u1": [("after", END + 1800), ("before", START + 100)]}
-  logs_to_tfrecords.run_day(day2, workdir, max_history=1)
+  beam_day.run_day(day2, workdir, beam_day.BeamSettings(max_history=1))
   assert [(r["event_id"], r["history_item_ids"], r["seed_item_id"])
           for _, r in _examples(workdir, day2)] == [("late", ["before"], "before"),
                                                     ("next", ["after"], "after")]
@@ -373,7 +376,7 @@ def test_lone_surrogates_are_bad_encoding_dead_letters_in_logs_and_catalog(tmp_p
   _write(f"{workdir}/logs/{DAY}/a.jsonl", [
       _event("e1", START + 1, "u1", "i1"), _event("e2", START + 2, "u\udfff", "i1"),
       _event("e3", START + 3, "u1", "i2", device="\ud83d")])
-  stats = logs_to_tfrecords.run_day(DAY, workdir)
+  stats = beam_day.run_day(DAY, workdir)
   assert (stats["examples"], stats["dead_letters_by_reason"]) == (1, {"bad_encoding": 2})
   assert stats["catalog"]["dead_letters_by_reason"] == {"bad_encoding": 1}
   dead = []
@@ -389,7 +392,7 @@ def test_a_far_future_timestamp_is_a_dead_letter_whatever_the_skew(tmp_path):
   workdir = str(tmp_path)
   _write(f"{workdir}/logs/{DAY}/a.jsonl", [
       _event("e1", START + 1, "u1", "i1"), _event("e2", 1e25, "u1", "i1")])
-  stats = logs_to_tfrecords.run_day(DAY, workdir, max_skew_s=10**30)
+  stats = beam_day.run_day(DAY, workdir, beam_day.BeamSettings(max_skew_s=10**30))
   assert (stats["examples"], stats["dead_letters_by_reason"]) == (1, {"bad_timestamp": 1})
 
 
@@ -410,7 +413,7 @@ def test_files_the_job_would_not_read_fail_the_day_naming_them(tmp_path, where, 
     unread = f"{partition}/b.jsonl"
     os.symlink(f"{workdir}/nowhere.jsonl", unread)
   with pytest.raises(FileNotFoundError, match=re.escape(unread)) as raised:
-    logs_to_tfrecords.run_day(DAY, workdir)
+    beam_day.run_day(DAY, workdir)
   assert isinstance(raised.value, io.PartitionLayoutError)
   assert "_temporary" not in str(raised.value)
   assert not os.path.exists(f"{workdir}/data")
@@ -420,7 +423,7 @@ def test_settings_out_of_range_are_one_line_errors(tmp_path):
   workdir = str(tmp_path)
   _write(f"{workdir}/logs/{DAY}/a.jsonl", [_event("e1", START + 1, "u1", "i1")])
   with pytest.raises(ValueError, match="corpus_shards must be >= 1, not 0"):
-    logs_to_tfrecords.run_day(DAY, workdir, corpus_shards=0)
+    beam_day.BeamSettings(corpus_shards=0)
   result = subprocess.run(
       [sys.executable, "-m", "pipeline.logs_to_tfrecords", f"--workdir={workdir}",
        f"--date={DAY}", "--corpus_shards=0"],
@@ -441,3 +444,27 @@ def test_the_standalone_job_is_refused_while_another_process_holds_the_workdir(t
   assert f"error: {workdir}/.lock is held by pid {os.getpid()}" in result.stderr
   assert "Traceback" not in result.stderr
   assert not os.path.exists(f"{workdir}/data")
+
+
+def test_the_standalone_job_follows_the_models_history_length(tmp_path):
+  # W/config.json says 1: a different --max_history is refused before anything runs,
+  # and without the flag the histories are cut to the model's length.
+  workdir = str(tmp_path)
+  _write(f"{workdir}/logs/{DAY}/a.jsonl", [
+      _event("e1", START + 1, "u1", "i1"), _event("e2", START + 2, "u1", "i2")])
+  config_lib.write_config(config_lib.ModelConfig(max_history=1),
+                          workdir_lib.Workdir(workdir).config_path)
+  command = [sys.executable, "-m", "pipeline.logs_to_tfrecords", f"--workdir={workdir}",
+             f"--date={DAY}"]
+  refused = subprocess.run(command + [f"--max_history={features.MAX_HISTORY}"],
+                           cwd=REPO, capture_output=True, text=True)
+  assert refused.returncode == 2
+  assert refused.stderr.strip() == (
+      f"error: --max_history={features.MAX_HISTORY} differs from max_history=1 in "
+      f"{workdir}/config.json: the model reads histories of that length (leave "
+      "--max_history out to use it)")
+  assert not os.path.exists(f"{workdir}/data")
+  subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+  assert history.load_histories(workdir, DAY) == {"u1": ["i2"]}
+  with open(workdir_lib.Workdir(workdir).stats_path(DAY)) as f:
+    assert json.load(f)["max_history"] == 1

@@ -1,11 +1,13 @@
 """Tests of models/config.py, layers.py, towers.py and retrieval.py."""
 
 import datetime
+import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from models import config as config_lib
 from models import features
 from models import layers
 from models.config import ModelConfig
@@ -62,6 +64,31 @@ def test_config_round_trips_and_lists_incompatibilities():
     TINY.replace(temperature=0.0)
   with pytest.raises(ValueError, match=r"unknown ModelConfig fields: \['embedding_size'\]"):
     ModelConfig.from_dict({"embedding_size": 3})
+
+
+def test_config_from_overrides_merges_onto_the_saved_config():
+  assert config_lib.config_from_overrides(TINY, {}) is None
+  assert config_lib.config_from_overrides(None, {}) is None
+  assert config_lib.config_from_overrides(TINY, {"batch_size": 7}) == TINY.replace(
+      batch_size=7)
+  assert config_lib.config_from_overrides(None, {"temperature": 0.3}) == ModelConfig(
+      temperature=0.3)
+  with pytest.raises(ValueError, match=r"unknown ModelConfig fields: \['embeding_dim'\]"):
+    config_lib.config_from_overrides(TINY, {"embeding_dim": 8})
+  with pytest.raises(ValueError, match="query_hidden"):
+    config_lib.config_from_overrides(None, {"query_hidden": 5})  # not a list: TypeError
+
+
+def test_history_width_has_one_default():
+  assert ModelConfig().max_history == features.MAX_HISTORY
+
+
+def test_saved_config_round_trips_through_the_workdir(tmp_path):
+  workdir = str(tmp_path / "w")
+  assert config_lib.saved_config(workdir) is None
+  config_lib.write_config(TINY, os.path.join(workdir, "config.json"))
+  assert config_lib.saved_config(workdir) == TINY
+  assert os.listdir(workdir) == ["config.json"]  # no temp file left behind
 
 
 # --- layers -------------------------------------------------------------------

@@ -5,12 +5,15 @@ import glob
 import gzip
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from pipeline import movielens
+from pipeline import movielens_convert
 from pipeline import schema
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAY = 86400
 T0 = 978307200  # 2001-01-01T00:00:00Z
 
@@ -65,7 +68,7 @@ def u_dir(tmp_path):
 
 def test_csv_format_days_rewards_topics_and_report(csv_dir, tmp_path):
   out = str(tmp_path / "out")
-  report = movielens.convert(csv_dir, out)
+  report = movielens_convert.convert(csv_dir, out)
   logs, catalog = _read(out, "logs"), _read(out, "catalog")
   assert sorted(logs) == ["2001-01-01", "2001-01-02", "2001-01-10"]
   first = logs["2001-01-01"]
@@ -95,7 +98,7 @@ def test_csv_format_days_rewards_topics_and_report(csv_dir, tmp_path):
 
 def test_period_days_groups_calendar_days(csv_dir, tmp_path):
   out = str(tmp_path / "out")
-  movielens.convert(csv_dir, out, period_days=7)
+  movielens_convert.convert(csv_dir, out, period_days=7)
   logs = _read(out, "logs")
   assert sorted(logs) == ["2001-01-01", "2001-01-08"]
   assert len(logs["2001-01-01"]) == 3 and len(logs["2001-01-08"]) == 1
@@ -103,7 +106,7 @@ def test_period_days_groups_calendar_days(csv_dir, tmp_path):
 
 def test_100k_format_latin1_and_genre_flags(u_dir, tmp_path):
   out = str(tmp_path / "out")
-  report = movielens.convert(u_dir, out)
+  report = movielens_convert.convert(u_dir, out)
   assert report["format"] == "100k"
   items = {c["item_id"]: c for cs in _read(out, "catalog").values() for c in cs}
   assert items["movie_1"]["topics"] == ["Action", "decade_1990s"]
@@ -115,10 +118,19 @@ def test_100k_format_latin1_and_genre_flags(u_dir, tmp_path):
 
 
 def test_strict_names_file_and_line(u_dir, tmp_path):
-  with pytest.raises(movielens.MalformedRow, match=r"u\.item:3: bad row"):
-    movielens.convert(u_dir, str(tmp_path / "out"), strict=True)
+  with pytest.raises(movielens_convert.MalformedRow, match=r"u\.item:3: bad row"):
+    movielens_convert.convert(u_dir, str(tmp_path / "out"), strict=True)
 
 
 def test_unknown_format_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="no ratings.csv"):
-    movielens.convert(str(tmp_path), str(tmp_path / "out"))
+    movielens_convert.convert(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_the_command_fails_in_one_line_naming_file_and_line(u_dir, tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "pipeline.movielens", f"--input={u_dir}",
+       f"--out={tmp_path / 'out'}", "--strict"], cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      f"error: {u_dir}/u.item:3: bad row: '3|Broken|row'"]

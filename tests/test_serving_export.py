@@ -21,22 +21,25 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
+from core import workdir as workdir_lib
 from models import features
 from models import trainer as trainer_lib
-from serving import export
+from serving import corpus
+from serving import exporter
 from serving import versions
 from serving import warmup
 import serving_testlib as tl
 
 NUM_ITEMS = 80
 K = 20
-NUM_EVENTS = 1200  # 38 steps of 32; >= export.NUM_RECALL_QUERIES queries
+NUM_EVENTS = 1200  # 38 steps of 32; >= corpus.NUM_RECALL_QUERIES queries
 ITEMS = [f"item{j:03d}" for j in range(NUM_ITEMS)]
 _PERMUTATION = np.random.default_rng(7).permutation(NUM_ITEMS)
 PLANTED = {ITEMS[j]: ITEMS[_PERMUTATION[j]] for j in range(NUM_ITEMS)}
 # The planted order of seed X: the items of _PERMUTATION from P(X) on, cyclically.
 PLANTED_ORDER = {ITEMS[j]: [ITEMS[_PERMUTATION[(j + r) % NUM_ITEMS]]
                             for r in range(NUM_ITEMS)] for j in range(NUM_ITEMS)}
+SETTINGS = exporter.ExportSettings(export_k=K)
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,11 +80,12 @@ def trained(tmp_path_factory):
   trainer = trainer_lib.Trainer(workdir, tl.tiny_config())
   trainer.train_day(tl.DAY)
   model, config = trainer.model, trainer.config
-  result = export.export_day(model, config, workdir, tl.DAY, k=K,
-                             trained=trainer.position(), global_step=trainer.global_step)
+  state = exporter.ExportState()
+  result = exporter.export_day(model, config, workdir, tl.DAY, SETTINGS,
+                               trained=trainer.trained_position(), state=state)
   return {"workdir": workdir, "model": model, "config": config, "result": result,
-          "position": trainer.position(), "global_step": trainer.global_step,
-          "scann": tf.saved_model.load(result["scann_dir"]),
+          "position": trainer.trained_position(), "global_step": trainer.global_step,
+          "state": state, "scann": tf.saved_model.load(result["scann_dir"]),
           "exact": tf.saved_model.load(result["exact_dir"])}
 
 
@@ -92,8 +96,8 @@ def planted(tmp_path_factory):
   _write_day(workdir, num_events=0)
   orders = [[ITEMS.index(i) for i in PLANTED_ORDER[x]] for x in ITEMS]
   towers = tl.planted_towers(ITEMS, orders)
-  result = export.export_day(towers, tl.tiny_config(), workdir, tl.DAY, k=K,
-                             trained=(tl.DAY, 0, True))
+  result = exporter.export_day(towers, tl.tiny_config(), workdir, tl.DAY, SETTINGS,
+                               trained=tl.position(tl.DAY, 0, True))
   return {"result": result, "scann": tf.saved_model.load(result["scann_dir"]),
           "exact": tf.saved_model.load(result["exact_dir"])}
 
@@ -114,11 +118,11 @@ def test_export_returns_the_planted_order(planted, variant):
 
 def _model_scores(trained, seeds):
   """[len(seeds), NUM_ITEMS] scores of the trained model itself, and the corpus ids."""
-  ids, corpus = export.read_corpus(
-      os.path.join(tl.day_dir(trained["workdir"], tl.DAY), export.CORPUS_PATTERN))
+  ids, columns = corpus.read_corpus(
+      os.path.join(tl.day_dir(trained["workdir"], tl.DAY), corpus.CORPUS_PATTERN))
   model = trained["model"]
   queries = model.query_tower(_query(seeds), training=False)
-  items = model.candidate_tower({k: tf.constant(v) for k, v in corpus.items()},
+  items = model.candidate_tower({k: tf.constant(v) for k, v in columns.items()},
                                 training=False)
   scores = tf.linalg.matmul(queries, items, transpose_b=True)
   return scores.numpy() / trained["config"].temperature, ids
@@ -148,7 +152,7 @@ def test_layout_metadata_and_warmup(trained):
                      ("retrieval_exact", result["exact_dir"])):
     assert path == os.path.join(trained["workdir"], "exports", name, "1")
     assert {"saved_model.pb", "variables", "assets.extra"} <= set(os.listdir(path))
-    meta = export.read_metadata(path)
+    meta = versions.read_metadata(path)
     assert meta["model"] == name and meta["version"] == 1
     assert meta["config"] == config.to_dict()
     assert meta["corpus"]["size"] == NUM_ITEMS and meta["corpus"]["embedding_dim"] == 16
@@ -160,13 +164,15 @@ def test_layout_metadata_and_warmup(trained):
     assert meta["k"] == K
     assert meta["trained"] == {"day": tl.DAY.isoformat(), "examples": NUM_EVENTS,
                                "complete": True, "global_step": trained["global_step"],
-                               "checkpoint": None}
+                               "checkpoint": trained["position"].checkpoint}
+    assert trained["position"].checkpoint.startswith(
+        os.path.join(trained["workdir"], "checkpoints", "ckpt-"))
     logs = warmup.read_warmup(os.path.join(path, "assets.extra", warmup.WARMUP_FILE))
     assert {log.predict_log.request.model_spec.name for log in logs} == {name}
     for log, out in zip(logs, warmup.replay(trained[name.split("_")[1]], logs)):
       batch = tf.make_ndarray(log.predict_log.request.inputs["user_id"]).shape[0]
       assert next(iter(out.values())).shape[0] == batch
-  assert export.read_metadata(result["exact_dir"])["needs_scann_ops"] is False
+  assert versions.read_metadata(result["exact_dir"])["needs_scann_ops"] is False
 
 
 def _ops(export_dir):
@@ -187,6 +193,11 @@ def test_only_the_scann_export_needs_custom_ops(trained):
 
 
 def test_item_embeddings_are_exposed_and_match_the_candidate_tower(trained):
+  # The exact export's search (TFRS BruteForce) holds the only copy of the corpus.
+  saved = tf.train.list_variables(os.path.join(trained["result"]["exact_dir"],
+                                               "variables", "variables"))
+  assert [name for name, shape in saved if shape == [NUM_ITEMS, 16]] == [
+      "item_embeddings/.ATTRIBUTES/VARIABLE_VALUE"]
   for variant in ("scann", "exact"):
     loaded = trained[variant]
     ids = loaded.item_ids.numpy()
@@ -318,44 +329,76 @@ def test_hostile_requests(trained, variant):
 @pytest.fixture
 def copied(trained, tmp_path):
   """A copy of the trained workdir without its exports: data, config, checkpoints."""
-  workdir = str(tmp_path / "w")
-  for name in ("data", trainer_lib.CHECKPOINT_DIR, trainer_lib.CONFIG_FILE):
-    source = os.path.join(trained["workdir"], name)
-    (shutil.copytree if os.path.isdir(source) else shutil.copy)(
-        source, os.path.join(workdir, name))
-  return workdir
+  source, workdir = (workdir_lib.Workdir(w) for w in (trained["workdir"],
+                                                       str(tmp_path / "w")))
+  shutil.copytree(source.data_root, workdir.data_root)
+  shutil.copytree(source.checkpoints_dir, workdir.checkpoints_dir)
+  shutil.copy(source.config_path, workdir.config_path)
+  return workdir.root
+
+
+def _bases(workdir):
+  return [workdir_lib.Workdir(workdir).exports_base(name)
+          for name in (versions.SCANN_MODEL, versions.EXACT_MODEL)]
 
 
 def test_versions_grow_never_go_backwards_and_a_failed_export_publishes_nothing(
     trained, copied):
   workdir, model, config = copied, trained["model"], trained["config"]
-  bases = [export.export_base(workdir, name)
-           for name in (export.SCANN_MODEL, export.EXACT_MODEL)]
+  bases = _bases(workdir)
   stale = versions.staging_dir(bases[0], 2)
   os.makedirs(stale)  # as left by a crash in the middle of writing
   with pytest.raises(ValueError, match="min_ann_recall"):
-    export.export_day(model, config, workdir, tl.DAY, k=K, min_ann_recall=1.5,
-                      trained=trained["position"])
+    exporter.export_day(model, config, workdir, tl.DAY,
+                        exporter.ExportSettings(export_k=K, min_ann_recall=1.5),
+                        trained=trained["position"])
   assert [versions.list_versions(b) for b in bases] == [[], []]
   # W/exports was lost, but the caller's high-water mark says 6 was published.
   # No `trained`: the position is read from the latest checkpoint.
-  first = export.export_day(model, config, workdir, tl.DAY, k=K, min_version=7)
+  first = exporter.export_day(model, config, workdir, tl.DAY, SETTINGS, min_version=7)
   assert first["version"] == 7
-  position = export.checkpoint_position(workdir)
+  position = trainer_lib.checkpoint_position(workdir)
   assert first["metadata"]["trained"] == position.to_json()
   assert position.checkpoint.startswith(os.path.join(workdir, "checkpoints", "ckpt-"))
-  second = export.export_day(model, config, workdir, tl.DAY, k=K, min_version=3,
-                             trained=trained["position"])
+  second = exporter.export_day(model, config, workdir, tl.DAY, SETTINGS, min_version=3,
+                               trained=trained["position"])
   assert second["version"] == 8
   assert [versions.list_versions(b) for b in bases] == [[7, 8], [7, 8]]
   assert not os.path.exists(stale)
   assert sorted(os.listdir(bases[0])) == ["7", "8"]
-  # The newest versions stay loaded for the next day's evaluation; older ones load.
-  newest = export.load_export(second["exact_dir"])
-  assert newest is export.load_export(second["exact_dir"])
-  older = export.load_export(os.path.join(bases[1], "7"))
-  assert older is not export.load_export(os.path.join(bases[1], "7"))
-  np.testing.assert_array_equal(newest.item_ids.numpy(), older.item_ids.numpy())
+
+
+def test_the_caller_keeps_the_newest_exports_loaded_and_the_towers_traced(
+    trained, copied):
+  """ExportState: the versions just published stay loaded (at most two), and a
+  second export of the same model traces no tower again."""
+  model, config, state = trained["model"], trained["config"], trained["state"]
+  traced = {name: state.embedder.function(tower).experimental_get_tracing_count()
+            for name, tower in (("query", model.query_tower),
+                                ("candidate", model.candidate_tower))}
+  assert min(traced.values()) >= 1  # traced by the fixture's export, through the state
+  result = exporter.export_day(model, config, copied, tl.DAY, SETTINGS,
+                               trained=trained["position"], state=state)
+  assert {name: state.embedder.function(tower).experimental_get_tracing_count()
+          for name, tower in (("query", model.query_tower),
+                              ("candidate", model.candidate_tower))} == traced
+  published = state.published
+  newest = {name: published.load(result[f"{name}_dir"]) for name in ("scann", "exact")}
+  assert published.load(result["exact_dir"]) is newest["exact"]
+  np.testing.assert_array_equal(newest["exact"].item_ids.numpy(),
+                                trained["exact"].item_ids.numpy())
+  # Bounded: loading an older version evicts the least recently used one.
+  older = published.load(trained["result"]["exact_dir"])
+  assert published.load(trained["result"]["exact_dir"]) is older
+  assert published.load(result["exact_dir"]) is newest["exact"]
+  assert published.load(result["scann_dir"]) is not newest["scann"]
+  # A fresh state loads from disk; the embedder keeps only its newest towers.
+  assert exporter.LoadedExports().load(result["exact_dir"]) is not newest["exact"]
+  embedder = exporter.Embedder(max_towers=1)
+  first = embedder.function(model.query_tower)
+  assert embedder.function(model.query_tower) is first
+  embedder.function(model.candidate_tower)
+  assert embedder.function(model.query_tower) is not first
 
 
 def test_export_refuses_a_label_the_model_has_not_trained(trained, tmp_path):
@@ -371,31 +414,19 @@ def test_export_refuses_a_label_the_model_has_not_trained(trained, tmp_path):
   for position, reason in refusals.items():
     with pytest.raises(ValueError, match="refusing to label an export 2024-03-05: the "
                                          f"model given {reason}"):
-      export.export_day(model, config, workdir, tl.DAY, k=K, trained=position,
-                        global_step=38)
+      exporter.export_day(model, config, workdir, tl.DAY, SETTINGS,
+                          trained=tl.position(*position, global_step=38))
   with pytest.raises(FileNotFoundError, match="checkpoints: no checkpoint"):
-    export.export_day(model, config, workdir, tl.DAY, k=K)
+    exporter.export_day(model, config, workdir, tl.DAY, SETTINGS)
   with pytest.raises(ValueError, match="min_version must be >= 1"):
-    export.export_day(model, config, workdir, tl.DAY, k=K, trained=trained["position"],
-                      min_version=0)
+    exporter.export_day(model, config, workdir, tl.DAY, SETTINGS,
+                        trained=trained["position"], min_version=0)
   exports = tmp_path / "exports"
   exports.write_text("a file where the exports should be")
   with pytest.raises(NotADirectoryError, match=f"{exports}: exists but is not a dir"):
-    export.export_day(model, config, workdir, tl.DAY, k=K, trained=trained["position"])
+    exporter.export_day(model, config, workdir, tl.DAY, SETTINGS,
+                        trained=trained["position"])
   assert sorted(os.listdir(workdir)) == ["exports"]  # nothing else was written
-
-
-def test_checkpoint_position_is_the_trainers(trained, tmp_path):
-  position = export.checkpoint_position(trained["workdir"])
-  assert (position.day, position.examples, position.complete) == trained["position"]
-  assert position.global_step == trained["global_step"]
-  assert position.checkpoint == tf.train.latest_checkpoint(
-      os.path.join(trained["workdir"], trainer_lib.CHECKPOINT_DIR))
-  directory = tmp_path / trainer_lib.CHECKPOINT_DIR
-  tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1)), str(directory),
-                             max_to_keep=1).save()
-  with pytest.raises(ValueError, match="ckpt-1: not a trainer checkpoint, it lacks"):
-    export.checkpoint_position(str(tmp_path))
 
 
 def test_export_command_refuses_a_day_the_checkpoint_has_not_trained(trained):
@@ -405,13 +436,12 @@ def test_export_command_refuses_a_day_the_checkpoint_has_not_trained(trained):
       [sys.executable, "-m", "serving.export", f"--workdir={workdir}",
        "--date=2024-03-06"],
       env=env, capture_output=True, text=True, timeout=300)
-  assert done.returncode != 0
-  latest = tf.train.latest_checkpoint(os.path.join(workdir, trainer_lib.CHECKPOINT_DIR))
-  assert (f"refusing to label an export 2024-03-06: {latest} has trained {NUM_EVENTS} "
-          f"examples of 2024-03-05 (complete, global step {trained['global_step']})"
-          ) in done.stderr
-  assert [versions.list_versions(export.export_base(workdir, name))
-          for name in (export.SCANN_MODEL, export.EXACT_MODEL)] == [[1], [1]]
+  assert done.returncode == 2
+  latest = tf.train.latest_checkpoint(workdir_lib.Workdir(workdir).checkpoints_dir)
+  assert (f"error: refusing to label an export 2024-03-06: {latest} has trained "
+          f"{NUM_EVENTS} examples of 2024-03-05 (complete, global step "
+          f"{trained['global_step']})") in done.stderr
+  assert [versions.list_versions(b) for b in _bases(workdir)] == [[1], [1]]
 
 
 def test_scann_export_returns_k_real_items_up_to_max_k(trained, tmp_path):
@@ -420,8 +450,9 @@ def test_scann_export_returns_k_real_items_up_to_max_k(trained, tmp_path):
   big = [f"big{j:04d}" for j in range(1100)]
   _write_day(workdir, items=big, num_events=0)
   # min_ann_recall=0: keep the first ScaNN parameters, whatever their recall.
-  result = export.export_day(trained["model"], trained["config"], workdir, tl.DAY,
-                             k=100, min_ann_recall=0.0, trained=trained["position"])
+  result = exporter.export_day(trained["model"], trained["config"], workdir, tl.DAY,
+                               exporter.ExportSettings(export_k=100, min_ann_recall=0.0),
+                               trained=trained["position"])
   meta = result["metadata"]
   params = meta["ann"]["params"]
   assert (params["num_leaves"], params["num_leaves_to_search"]) == (33, 10)
@@ -443,10 +474,10 @@ def test_bad_corpus_is_named(tmp_path):
                           [tl.corpus_row("a"), tl.corpus_row("b"), tl.corpus_row("a")])
   with pytest.raises(ValueError, match=r"corpus-00.tfrecord.gz: record 2: item_id b'a' "
                                        r"repeats .*record 0"):
-    export.read_corpus(path)
+    corpus.read_corpus(path)
   with open(tmp_path / "corpus-01.tfrecord.gz", "wb") as f:
     f.write(b"not gzip at all")
   with pytest.raises(ValueError, match="corpus-01.tfrecord.gz: unreadable"):
-    export.read_corpus(str(tmp_path / "corpus-01.tfrecord.gz"))
+    corpus.read_corpus(str(tmp_path / "corpus-01.tfrecord.gz"))
   with pytest.raises(FileNotFoundError, match="no corpus files"):
-    export.read_corpus(str(tmp_path / "nothing-*.tfrecord.gz"))
+    corpus.read_corpus(str(tmp_path / "nothing-*.tfrecord.gz"))

@@ -11,7 +11,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import export
+from core import workdir as workdir_lib
 from serving import index
 from serving import versions
 from serving import warmup
@@ -161,10 +161,10 @@ def test_versions_never_go_backwards_and_a_file_is_named(tmp_path):
 
 def _metadata_only_export(workdir, model_name, version, values):
   """A version directory holding only assets.extra/metadata.json (str: raw text)."""
-  directory = os.path.join(export.export_base(workdir, model_name), str(version),
-                           "assets.extra")
+  directory = os.path.join(workdir_lib.Workdir(workdir).exports_base(model_name),
+                           str(version), versions.ASSETS_EXTRA)
   os.makedirs(directory)
-  with open(os.path.join(directory, export.METADATA_FILE), "w") as f:
+  with open(os.path.join(directory, versions.METADATA_FILE), "w") as f:
     f.write(values if isinstance(values, str) else json.dumps(values))
   return os.path.dirname(directory)
 
@@ -172,36 +172,36 @@ def _metadata_only_export(workdir, model_name, version, values):
 def test_exports_before_is_the_newest_version_labelled_before_the_day(tmp_path):
   workdir = str(tmp_path)
   d1, d2, d3 = (datetime.date(2024, 3, 1) + datetime.timedelta(days=i) for i in range(3))
-  assert export.exports_before(workdir, d3) is None  # no W/exports yet
+  assert versions.exports_before(workdir, d3) is None  # no W/exports yet
   found = {}
   for version, day in ((1, d1), (2, d2), (3, d3)):  # 3: day d3, trained on d3
     found[version] = tuple(
         _metadata_only_export(workdir, name, version, {"day": day.isoformat()})
-        for name in (export.SCANN_MODEL, export.EXACT_MODEL))
+        for name in (versions.SCANN_MODEL, versions.EXACT_MODEL))
   # A crash between the two publications: ScaNN 4 without its exact twin.
-  _metadata_only_export(workdir, export.SCANN_MODEL, 4, {"day": d2.isoformat()})
-  assert export.exports_before(workdir, d3) == found[2]  # one version for both
-  assert export.exports_before(workdir, d3 + datetime.timedelta(days=1)) == found[3]
-  assert export.exports_before(workdir, d2) == found[1]
-  assert export.exports_before(workdir, d1) is None
+  _metadata_only_export(workdir, versions.SCANN_MODEL, 4, {"day": d2.isoformat()})
+  assert versions.exports_before(workdir, d3) == found[2]  # one version for both
+  assert versions.exports_before(workdir, d3 + datetime.timedelta(days=1)) == found[3]
+  assert versions.exports_before(workdir, d2) == found[1]
+  assert versions.exports_before(workdir, d1) is None
 
-  _metadata_only_export(workdir, export.EXACT_MODEL, 5, {"day": d1.isoformat()})
+  _metadata_only_export(workdir, versions.EXACT_MODEL, 5, {"day": d1.isoformat()})
   with pytest.raises(FileNotFoundError, match="retrieval_scann/5: missing, though its "
                                               "exact twin"):
-    export.exports_before(workdir, d3)
-  bad = _metadata_only_export(workdir, export.EXACT_MODEL, 6, '{"day": ')
+    versions.exports_before(workdir, d3)
+  bad = _metadata_only_export(workdir, versions.EXACT_MODEL, 6, '{"day": ')
   with pytest.raises(ValueError, match=f"{bad}/assets.extra/metadata.json: line 1: "
                                        "unreadable metadata"):
-    export.exports_before(workdir, d3)
-  _metadata_only_export(workdir, export.EXACT_MODEL, 7, {"day": "yesterday"})
+    versions.exports_before(workdir, d3)
+  _metadata_only_export(workdir, versions.EXACT_MODEL, 7, {"day": "yesterday"})
   with pytest.raises(ValueError, match="\"day\" is 'yesterday', not a YYYY-MM-DD"):
-    export.exports_before(workdir, d3)
+    versions.exports_before(workdir, d3)
 
   other = tmp_path / "other"
   (other / "exports").parent.mkdir(exist_ok=True)
   (other / "exports").write_text("a file where W/exports should be")
   with pytest.raises(NotADirectoryError, match=f"{other / 'exports'}: exists but is not"):
-    export.exports_before(str(other), d3)
+    versions.exports_before(str(other), d3)
 
 
 def test_warmup_records_are_prediction_logs(tmp_path):
@@ -235,7 +235,7 @@ def test_example_models_config_parses_and_names_both_exports():
   with open(path) as f:
     config = text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
   models = {c.name: c for c in config.model_config_list.config}
-  assert set(models) == {export.SCANN_MODEL, export.EXACT_MODEL}
+  assert set(models) == {versions.SCANN_MODEL, versions.EXACT_MODEL}
   for name, model in models.items():
     assert model.base_path.endswith(name)
     assert model.model_platform == "tensorflow"

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from pipeline import schema
-from pipeline import synthetic
+from pipeline import synthetic_world
 
-CFG = synthetic.WorldConfig(days=6, users=400, items=1500, new_items_per_day=80,
+CFG = synthetic_world.WorldConfig(days=6, users=400, items=1500, new_items_per_day=80,
                             events_per_day=4000, seed=7)
 
 
@@ -31,7 +31,7 @@ def _lines(root: str, kind: str, day: str) -> list[bytes]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("synthetic"))
-  summary = synthetic.generate(root, CFG)
+  summary = synthetic_world.generate(root, CFG)
   days = sorted(summary)
   events = {d: [schema.validate_event(l, dt.date.fromisoformat(d), max_skew_s=0)
                 for l in _lines(root, "logs", d)] for d in days}
@@ -56,9 +56,9 @@ def test_every_line_is_valid_and_items_are_cataloged(world):
 
 def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
   small = dataclasses.replace(CFG, days=2, events_per_day=500)
-  synthetic.generate(str(tmp_path / "a"), small)
-  synthetic.generate(str(tmp_path / "b"), small)
-  synthetic.generate(str(tmp_path / "c"), dataclasses.replace(small, seed=8))
+  synthetic_world.generate(str(tmp_path / "a"), small)
+  synthetic_world.generate(str(tmp_path / "b"), small)
+  synthetic_world.generate(str(tmp_path / "c"), dataclasses.replace(small, seed=8))
   files = sorted(glob.glob(str(tmp_path / "a" / "**" / "*.gz"), recursive=True))
   assert len(files) == 2 * (small.shards + 1)
   for path in files:
@@ -104,9 +104,9 @@ def test_sessions_follow_channels_and_reward_varies(world):
 
 def test_bad_line_rate_injects_every_kind(tmp_path):
   cfg = dataclasses.replace(CFG, days=1, events_per_day=6000, bad_line_rate=0.05)
-  summary = synthetic.generate(str(tmp_path), cfg)
+  summary = synthetic_world.generate(str(tmp_path), cfg)
   counts = summary["2024-01-01"]["corrupted"]
-  assert set(counts) == set(synthetic.CORRUPTIONS)
+  assert set(counts) == set(synthetic_world.CORRUPTIONS)
   assert all(v > 0 for v in counts.values()), counts
   assert sum(counts.values()) == 300
   parsed = [schema.validate_event(l, dt.date(2024, 1, 1))

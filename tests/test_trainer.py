@@ -2,7 +2,6 @@
 
 import datetime
 import glob
-import json
 import os
 import re
 import signal
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from core.workdir import Workdir
 from models import data
 from models import features
 from models.config import ModelConfig
@@ -69,7 +69,7 @@ def world_examples(day: datetime.date, n: int, seed: int) -> list[dict]:
 def write_day(workdir: str, day: datetime.date, examples: list[dict],
               num_files: int = 2) -> None:
   """Writes W/data/D/examples-HH.tfrecord.gz, time order split across files."""
-  directory = data.day_dir(workdir, day)
+  directory = Workdir(workdir).data_dir(day)
   os.makedirs(directory, exist_ok=True)
   options = tf.io.TFRecordOptions(compression_type="GZIP")
   for f, chunk in enumerate(np.array_split(np.arange(len(examples)), num_files)):
@@ -228,6 +228,12 @@ def test_config_saved_then_incompatible_config_fails(tmp_path):
   # Run-time fields may change; the saved config is used when none is given.
   assert trainer_lib.Trainer(workdir, TINY.replace(batch_size=8)).config.batch_size == 8
   assert trainer_lib.Trainer(workdir).config == TINY
+  # Checkpoints without their config: nobody can tell which model they are.
+  os.remove(os.path.join(workdir, "config.json"))
+  with pytest.raises(ValueError, match="checkpoints without .*config.json"):
+    trainer_lib.Trainer(workdir, TINY)
+  with pytest.raises(FileNotFoundError, match="config.json: missing"):
+    trainer_lib.load_model(workdir)
 
 
 def test_nan_loss_stops_the_day_without_a_checkpoint_past_it(tmp_path):
@@ -285,12 +291,38 @@ def test_load_model_restores_trained_weights(tmp_path):
   trainer = trainer_lib.Trainer(workdir, TINY)
   trainer.train_day(DAY1)
   batch = batch_of(world_examples(DAY2, 8, seed=2))
-  loaded = trainer_lib.load_model(workdir)
+  loaded, position = trainer_lib.load_model(workdir)
+  assert position == trainer.trained_position() == trainer_lib.checkpoint_position(workdir)
+  assert (position.day, position.examples, position.complete, position.global_step) == (
+      DAY1, 96, True, 3)
+  assert position.checkpoint == os.path.join(workdir, "checkpoints", "ckpt-3")
   np.testing.assert_allclose(loaded.query_tower(batch), trainer.model.query_tower(batch),
                              atol=1e-6)
   np.testing.assert_allclose(loaded.candidate_tower(batch),
                              trainer.model.candidate_tower(batch), atol=1e-6)
   assert loaded.config == TINY
+
+
+def test_checkpoint_position_reads_the_trainers_keys(tmp_path):
+  workdir = str(tmp_path / "w")
+  with pytest.raises(FileNotFoundError, match="checkpoints: no checkpoint"):
+    trainer_lib.checkpoint_position(workdir)
+  write_day(workdir, DAY1, world_examples(DAY1, 100, seed=1))
+  trainer = trainer_lib.Trainer(workdir, TINY.replace(checkpoint_every_steps=2))
+  trainer.train_day(DAY1)  # 4 steps: checkpoints 2, 4 (mid-day) and 4 (complete)
+  first = os.path.join(workdir, "checkpoints", "ckpt-2")
+  assert trainer_lib.checkpoint_position(workdir, first) == trainer_lib.TrainedPosition(
+      day=DAY1, examples=64, complete=False, global_step=2, checkpoint=first)
+  assert trainer_lib.checkpoint_position(workdir) == trainer.trained_position()
+  assert trainer.trained_position().to_json() == {
+      "day": "2024-03-01", "examples": 100, "complete": True, "global_step": 4,
+      "checkpoint": os.path.join(workdir, "checkpoints", "ckpt-4")}
+
+  other = str(tmp_path / "other")
+  tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1)),
+                             Workdir(other).checkpoints_dir, max_to_keep=1).save()
+  with pytest.raises(ValueError, match="ckpt-1: not a trainer checkpoint, it lacks"):
+    trainer_lib.checkpoint_position(other)
 
 
 def test_window_shuffle_is_a_reproducible_permutation_within_windows(tmp_path):
@@ -345,7 +377,7 @@ def test_killed_process_resumes_without_retraining_or_skipping(tmp_path):
   The day's mean loss counts the killed part too.
   """
   killed, reference = _kill_worlds(tmp_path)
-  command = [sys.executable, "-m", "models.trainer", f"--workdir={killed}",
+  command = [sys.executable, "-m", "models.train", f"--workdir={killed}",
              f"--date={DAY1}"]
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", trainer_lib.KILL_AFTER_STEP_ENV: "20"}
   process = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
@@ -370,6 +402,34 @@ def test_killed_process_resumes_without_retraining_or_skipping(tmp_path):
   _assert_same_state(trainer_lib.Trainer(killed), uninterrupted)
 
 
+def _train_command(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "models.train", *args], cwd=REPO,
+                        capture_output=True, text=True, check=False)
+
+
+def _one_line_error(process: subprocess.CompletedProcess, *words: str) -> None:
+  assert process.returncode == 2, (process.returncode, process.stderr[-3000:])
+  lines = process.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), process.stderr[-3000:]
+  for word in words:
+    assert word in lines[0], (word, lines[0])
+
+
+def test_train_command_refuses_bad_arguments_before_creating_anything(tmp_path):
+  """A misspelt model field and a config of another model: one line, nothing written."""
+  workdir = str(tmp_path / "w")
+  _one_line_error(_train_command(f"--workdir={workdir}", f"--date={DAY1}",
+                                 '--config_overrides={"embeding_dim": 8}'),
+                  "unknown ModelConfig fields: ['embeding_dim']")
+  assert not os.path.exists(workdir)
+  os.makedirs(workdir)
+  write_config(TINY, Workdir(workdir).config_path)
+  _one_line_error(_train_command(f"--workdir={workdir}", f"--date={DAY1}",
+                                 "--temperature=0.3", "--batch_size=4"),
+                  "config.json: this workdir's model", "temperature: 0.1 != 0.3")
+  assert os.listdir(workdir) == ["config.json"]
+
+
 class _Killed(Exception):
   """Raised in place of the SIGKILL, to look at the trainer at that moment."""
 
@@ -389,6 +449,10 @@ def test_kill_after_step_stops_after_exactly_that_step(tmp_path, monkeypatch, ki
     trainer.train_day(DAY1)
   assert trainer.global_step == kill_after
   assert trainer.position() == (DAY1, 8 * kill_after, False)
+  # Only a checkpoint step's state is held by a checkpoint.
+  held = trainer.trained_position().checkpoint
+  assert held == (os.path.join(workdir, "checkpoints", f"ckpt-{kill_after}")
+                  if kill_after % 4 == 0 else None)
   saved = sorted(int(os.path.basename(p)[len("ckpt-"):-len(".index")]) for p in
                  glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*.index")))
   assert saved == list(range(4, kill_after + 1, 4))[-3:]
@@ -422,7 +486,11 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
   assert restored.position() == (DAY1, 192, False)
   assert restored.global_step == 24
   # load_model (serving) falls back the same way, to the same weights.
-  loaded = trainer_lib.load_model(broken)
+  loaded, position = trainer_lib.load_model(broken)
+  assert position == restored.trained_position()
+  assert (position.day, position.examples, position.complete, position.global_step) == (
+      DAY1, 192, False, 24)
+  assert position.checkpoint == restored.restored
   batch = batch_of(world_examples(DAY2, 8, seed=2))
   np.testing.assert_allclose(loaded.candidate_tower(batch),
                              restored.model.candidate_tower(batch), atol=1e-6)

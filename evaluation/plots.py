@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import io
-import os
+from typing import Any, Mapping
 
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-
-from typing import Any, Mapping  # noqa: E402
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np
+
+from core import workdir as workdir_lib
 
 _COLORS = {"scann": "tab:blue", "exact": "tab:orange", "popularity": "tab:gray"}
 # Exact is drawn first and wider, so a ScaNN curve on top of it stays visible.
@@ -23,7 +20,7 @@ _MODES = {"all": ("all items", "-"), "seen_excluded": ("seen items excluded", "-
 
 
 def plot_recall(metrics: Mapping[str, Any], path: str) -> str:
-  """Draws `metrics` (evaluate_day's dict) into a PNG at `path` (temp + rename).
+  """Draws `metrics` (evaluate_day's dict) into a PNG at `path` (written atomically).
 
   Left: recall@K for K = 1..100, one colour per method, solid over all items and
   dashed with the user's seen items excluded. Middle and right: recall@K at the
@@ -64,8 +61,4 @@ def plot_recall(metrics: Mapping[str, Any], path: str) -> str:
   image = io.BytesIO()
   fig.savefig(image, format="png", dpi=110)
   plt.close(fig)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(tmp, "wb") as f:
-    f.write(image.getvalue())
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-  return path
+  return workdir_lib.atomic_write(path, image.getvalue())

@@ -14,7 +14,7 @@ The log comes back to the terminal (and still goes to the file) with absl's
 `--verbosity=0` (`-v 0`; 1 adds DEBUG) or `--alsologtostderr`; `--logtostderr`
 sends it to the terminal only.
 
-  workdir = app_flags.workdir()           # validate first: nothing is created before
+  workdir = cli.workdir(_WORKDIR.value)   # validate first: nothing is created before
   log_path = app_logging.setup(workdir, "daily")
 """
 
@@ -30,7 +30,7 @@ from typing import Optional
 from absl import flags
 from absl import logging
 
-RUN_LOGS_DIR = "run_logs"
+from core import workdir as workdir_lib
 
 _held: Optional[io.StringIO] = None  # records logged before the file is opened
 _path: Optional[str] = None
@@ -82,7 +82,7 @@ def log_to_file(workdir: str, app_name: str) -> Optional[str]:
     return _path
   if flags.FLAGS["logtostderr"].value:
     return None
-  directory = os.path.join(workdir, RUN_LOGS_DIR)
+  directory = workdir_lib.Workdir(workdir).run_logs_dir
   os.makedirs(directory, exist_ok=True)
   stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
   path = os.path.join(directory, f"{app_name}-{stamp}-{os.getpid()}.log")

@@ -1,11 +1,10 @@
-"""Flags shared by several absl apps, defined once, and the checks of their values.
+"""Checks of command-line values, shared by every app; the flags themselves live in the apps.
 
-absl flags are process-global, and the daily job imports every step's module to
-run the steps in one process. So a flag name is defined exactly once in the
-project: the names several apps share live here, and each app's own flags have
-names unique to it (and are then accepted by the daily job as well).
+Each app (a module with `main(argv)`) declares its own flags at its top and turns
+their values into typed settings for the libraries; the checks here take values,
+not flags, so that no library reads a flag.
 
-Apps that pass the flags they do not know to Beam parse with
+Apps that pass the arguments they do not know to Beam parse with
 `parse_flags_with_beam_options`, so a misspelt flag fails instead of being handed
 to Beam (which would drop it with a warning and run with the default).
 """
@@ -14,51 +13,69 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import json
 import os
 import sys
-from typing import NoReturn, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 from absl import app
 from absl import flags
-
-WORKDIR = flags.DEFINE_string("workdir", None, "Working directory (see README: layout).")
-DATE = flags.DEFINE_string("date", None, "The day to process, YYYY-MM-DD.")
-START_DATE = flags.DEFINE_string("start_date", None, "First day of a range, YYYY-MM-DD.")
-END_DATE = flags.DEFINE_string("end_date", None, "Last day of a range, inclusive.")
-LOGS = flags.DEFINE_string("logs", None, "Root of logs/YYYY-MM-DD/ (default W/logs); "
-                           "any Beam filesystem path.")
-CATALOG = flags.DEFINE_string("catalog", None, "Root of catalog/YYYY-MM-DD/ "
-                              "(default W/catalog); any Beam filesystem path.")
-OUT = flags.DEFINE_string("out", None, "Output root of generated logs/ and catalog/.")
 
 # The exit status of a command line that cannot be run as given (as argparse's).
 USAGE_EXIT_CODE = 2
 
 
-def workdir(default: Optional[str] = None) -> str:
-  """The --workdir value (or `default`), checked; a usage error when it cannot be one.
+def workdir(value: Optional[str], flag: str = "workdir") -> str:
+  """A --workdir value, checked; a usage error when it cannot be one.
 
   Every app calls this before it creates anything. A local path must be a
   directory, or not exist yet under a directory (it is created later); the
   filesystem root is refused. Paths of other filesystems (gs://...) are not
   checked here.
   """
-  value = WORKDIR.value or default
   if not value:
-    raise app.UsageError("--workdir is required")
+    raise app.UsageError(f"--{flag} is required")
   if "://" in value:
     return value
   path = os.path.abspath(value)
   if path == os.path.dirname(path):
-    raise app.UsageError(f"--workdir={value}: the filesystem root cannot be a workdir; "
+    raise app.UsageError(f"--{flag}={value}: the filesystem root cannot be a workdir; "
                          "give a directory of its own")
   existing = path
   while not os.path.lexists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
     what = "is" if existing == path else f"is under {existing}, which is"
-    raise app.UsageError(f"--workdir={value} {what} not a directory")
+    raise app.UsageError(f"--{flag}={value} {what} not a directory")
   return value
+
+
+def day_range(date: Optional[str], start: Optional[str], end: Optional[str]
+              ) -> tuple[dt.date, dt.date]:
+  """(first, last) of --date, or of --start_date/--end_date; a usage error otherwise."""
+  if date and (start or end):
+    raise flags.ValidationError("give --date, or --start_date and --end_date, not both")
+  if date:
+    day = parse_day(date, "date")
+    return day, day
+  if not start:
+    raise flags.ValidationError("--date=YYYY-MM-DD or --start_date/--end_date is required")
+  first, last = parse_day(start, "start_date"), parse_day(end, "end_date")
+  if last < first:
+    raise flags.ValidationError(f"--end_date {last} is before --start_date {first}")
+  return first, last
+
+def json_object(value: Optional[str], flag: str) -> dict[str, Any]:
+  """A flag's JSON-object value -> dict ({} when unset), or a usage error naming it."""
+  if not value:
+    return {}
+  try:
+    parsed = json.loads(value)
+  except json.JSONDecodeError as e:
+    raise flags.ValidationError(f"--{flag}={value}: not JSON: {e}") from e
+  if not isinstance(parsed, dict):
+    raise flags.ValidationError(f"--{flag}={value}: not a JSON object")
+  return parsed
 
 
 def parse_day(text: Optional[str], flag: str = "date") -> dt.date:
@@ -151,3 +168,9 @@ def parse_flags_with_beam_options(argv: Sequence[str]) -> list[str]:
     return rest[:1] + check_beam_args(rest[1:])
   except flags.Error as e:
     exit_with_error(e)
+
+
+def no_arguments(argv: Sequence[str]) -> None:
+  """A usage error naming what follows argv[0], for apps that take flags only."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")

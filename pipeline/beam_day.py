@@ -1,0 +1,282 @@
+"""The day's Beam job as a library: one day of raw logs -> time-ordered TFRecords,
+corpus, dead letters, stats and the users' carried histories (docs/design.md, "The
+day, as data flows"). Its app is `pipeline.logs_to_tfrecords`; the daily job calls
+`run_day` itself.
+
+`run_day` reads `logs`/D (default W/logs/D), every `catalog` partition dated up to
+D (default W/catalog) and the history state of the latest earlier day. Writes
+    W/data/D/examples-HH.tfrecord.gz        24 files; name order, then record order,
+                                            is (timestamp, event_id) order
+    W/data/D/corpus-SSSSS-of-NNNNN.tfrecord.gz
+    W/data/D/dead_letter-{logs,catalog}-SSSSS-of-NNNNN.jsonl
+    W/data/D/stats.json                     input lines == examples + duplicates +
+                                            dead letters, overall and per file
+    W/state/history/D/                      see pipeline.history
+Files in subfolders of a partition, and dangling symbolic links, fail the day before
+anything runs (they would not be read). Each event's history holds only its user's
+items strictly earlier than it (see pipeline.history). Both directories are built
+under temporary names (W/data/.tmp-D-<id>, with the sort's scratch runs in
+W/data/.tmp-D-<id>-runs) and moved into place only after the whole pipeline has
+succeeded, the state first: W/data/D/stats.json existing means the day is complete.
+A crashed attempt's temporaries are removed by the next run. A re-run of a day
+gives the same bytes.
+
+Memory: on a distributed runner a worker holds one user's events of the day (the
+history pass), one event id's copies, one item's catalog entry, and a 64 MB sort
+buffer; shuffles live in the runner. The embedded DirectRunner keeps its shuffles
+in memory: about 1.2 KB per event above a ~0.8 GB base (bench/beam_throughput.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import json
+from typing import Any, Optional, Sequence
+
+from absl import logging
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import StandardOptions
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+from core import workdir as workdir_lib
+from models import features
+from pipeline import history
+from pipeline import io
+from pipeline import parse
+from pipeline import records
+from pipeline import schema
+from pipeline import stats
+from pipeline import writers
+
+
+def _setting(default: Any, help_text: str, least: Optional[int] = None) -> Any:
+  """A BeamSettings field with its flag help and lower bound (`flag_args`)."""
+  return dataclasses.field(default=default, metadata={"help": help_text, "least": least})
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamSettings:
+  """How the day's job cuts, checks and shards what it writes; checked when made.
+
+  Each field's help and lower bound are its metadata: the apps declare their flags
+  from them (`flag_args`).
+  """
+  max_skew_s: int = _setting(
+      3600, "Events further than this outside the day's UTC bounds are dead letters "
+      "(timestamp_out_of_partition).", 0)
+  max_history: int = _setting(
+      features.MAX_HISTORY, "Items kept in a user's history: the model's "
+      "ModelConfig.max_history.", 0)
+  corpus_shards: int = _setting(4, "Corpus TFRecord files.", 1)
+  history_shards: int = _setting(4, "History state files.", 1)
+  allow_missing_history: bool = _setting(
+      False, "Carry on from the latest earlier history state (or none) even when days "
+      "before the date have data but no state.")
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      least, value = field.metadata["least"], getattr(self, field.name)
+      if least is not None and value < least:
+        raise ValueError(f"{field.name} must be >= {least}, not {value}")
+
+
+def flag_args(name: str) -> dict[str, Any]:
+  """default, help and lower_bound of a BeamSettings field, for an app's flag:
+
+    _MAX_SKEW_S = flags.DEFINE_integer("max_skew_s", **beam_day.flag_args("max_skew_s"))
+  """
+  field = next(f for f in dataclasses.fields(BeamSettings) if f.name == name)
+  args = {"default": field.default, "help": field.metadata["help"]}
+  if field.metadata["least"] is not None:
+    args["lower_bound"] = field.metadata["least"]
+  return args
+
+
+@dataclasses.dataclass(frozen=True)
+class DayPlan:
+  """Where one day's job reads and writes, resolved before the pipeline is built."""
+  day: dt.date
+  settings: BeamSettings
+  logs_pattern: str
+  catalog_pattern: str
+  previous_state: Optional[str]
+  data_dir: str
+  state_dir: str
+  data_tmp: str
+  state_tmp: str
+  scratch_dir: str
+
+  def context(self) -> dict[str, Any]:
+    """What stats.json records about the run's inputs and settings."""
+    return {
+        "day": workdir_lib.partition_name(self.day),
+        "logs": self.logs_pattern,
+        "catalog": self.catalog_pattern,
+        "previous_history_state": self.previous_state,
+        "max_skew_s": self.settings.max_skew_s,
+        "max_history": self.settings.max_history,
+    }
+
+
+def _workdir(workdir: str, logs: Optional[str], catalog: Optional[str]
+             ) -> workdir_lib.Workdir:
+  return workdir_lib.Workdir(workdir, logs=logs or "", catalog=catalog or "")
+
+
+def plan_day(day: dt.date, workdir: str, settings: BeamSettings,
+             logs: Optional[str] = None, catalog: Optional[str] = None) -> DayPlan:
+  """Checks a day's inputs and picks its paths.
+
+  Raises:
+    FileNotFoundError: the day has no log files.
+    io.PartitionLayoutError: a log or catalog partition read for the day holds files
+      that would not be read (in a subfolder, dangling symbolic links).
+    history.MissingHistoryError: see `history.previous_state`.
+  """
+  paths = _workdir(workdir, logs, catalog)
+  logs_pattern = FileSystems.join(paths.logs_dir(day), "*")
+  if not io.partition_inputs(paths.logs_dir(day)):
+    raise FileNotFoundError(f"no log files for {day}: nothing matches {logs_pattern}")
+  for earlier in workdir_lib.partition_dates(paths.catalog):
+    if earlier <= day:
+      io.partition_inputs(paths.catalog_dir(earlier))
+  previous = history.previous_state(paths, day, settings.allow_missing_history)
+  data_tmp = io.temp_dir(paths.data_dir(day))
+  return DayPlan(
+      day=day, settings=settings, logs_pattern=logs_pattern,
+      catalog_pattern=FileSystems.join(paths.catalog, "*", "*"),
+      previous_state=previous, data_dir=paths.data_dir(day),
+      state_dir=paths.history_dir(day), data_tmp=data_tmp,
+      state_tmp=io.temp_dir(paths.history_dir(day)), scratch_dir=f"{data_tmp}-runs")
+
+
+def build_day(p: beam.Pipeline, plan: DayPlan) -> None:
+  """Adds the day's transforms to `p`; running `p` fills plan.data_tmp and plan.state_tmp."""
+  settings = plan.settings
+  logs = (p
+          | "LogFiles" >> beam.Create([plan.logs_pattern])
+          | "ReadLogs" >> io.ReadLines(allow_empty=False))
+  parsed = logs.lines | "ParseEvents" >> parse.ParseEvents(plan.day, settings.max_skew_s)
+  unique = parsed.events | "Dedupe" >> parse.DedupeEvents()
+
+  catalog = (p
+             | "CatalogFiles" >> beam.Create([plan.catalog_pattern])
+             | "ReadCatalog" >> io.ReadLines(file_filter=functools.partial(
+                 parse.catalog_file_up_to, workdir_lib.partition_name(plan.day))))
+  items = catalog.lines | "ParseCatalog" >> parse.ParseCatalog()
+  corpus = items.items | "Corpus" >> parse.LatestCatalog()
+
+  joined = ({"events": unique.events, "corpus": corpus}
+            | "JoinCatalog" >> parse.JoinCatalog())
+  previous = p | "ReadHistories" >> history.ReadHistories(plan.previous_state)
+  # A later day's event can be as early as the end of this day minus the skew.
+  keep_from_ts = schema.day_bounds(plan.day)[1] - settings.max_skew_s
+  histories = ({"events": joined.events, history.STATE: previous}
+               | "AttachHistories" >> history.AttachHistories(settings.max_history,
+                                                              keep_from_ts))
+
+  def written(name: str, output: str, elements, writer: beam.PTransform):
+    """Writes `elements` with `writer`; returns its counts of `output` written."""
+    return (elements
+            | f"Write{name}" >> writer
+            | f"Count{name}Written" >> beam.Map(stats.written_counts(output)))
+
+  counts = [
+      written("Examples", stats.OUT_EXAMPLES,
+              histories.events | "ToExamples" >> records.ToExamples(plan.day),
+              writers.WriteSortedShards(plan.data_tmp, records.hour_shards(),
+                                        plan.scratch_dir)),
+      written("Corpus", stats.OUT_CORPUS,
+              corpus | "CorpusRecords" >> beam.Map(records.corpus_record),
+              writers.WriteShardedByKey(plan.data_tmp, "corpus", settings.corpus_shards,
+                                        ".tfrecord.gz", plan.scratch_dir)),
+      written("DeadLetters", stats.OUT_DEAD_LETTERS, parsed.dead_letters,
+              parse.WriteDeadLetters(plan.data_tmp, "dead_letter-logs", plan.scratch_dir)),
+      written("CatalogDeadLetters", stats.OUT_DEAD_LETTERS, items.dead_letters,
+              parse.WriteDeadLetters(plan.data_tmp, "dead_letter-catalog",
+                                     plan.scratch_dir)),
+      written("Histories", stats.OUT_HISTORIES, histories[history.STATE],
+              history.WriteHistories(plan.state_tmp, plan.day, settings.max_history,
+                                     plan.scratch_dir, settings.history_shards)),
+      logs[io.LINE_COUNTS] | "CountLines" >> beam.Map(stats.line_counts(stats.LINES)),
+      catalog[io.LINE_COUNTS] | "CountCatalogLines" >> beam.Map(
+          stats.line_counts(stats.CATALOG_LINES)),
+      parsed.dead_letters | "CountDead" >> stats.CountMetric(stats.DEAD, stats.reason_key),
+      unique.duplicates | "CountDuplicates" >> stats.CountMetric(stats.DUPLICATE),
+      joined.unknown_items | "CountUnknownItems" >> stats.CountMetric(
+          stats.UNKNOWN_ITEM, stats.day_key),
+      unique.sources | "CountExamples" >> stats.CountMetric(stats.EXAMPLES),
+      items.items | "CountCatalogAccepted" >> stats.CountMetric(
+          stats.CATALOG_ACCEPTED, stats.source_key),
+      items.dead_letters | "CountCatalogDead" >> stats.CountMetric(
+          stats.CATALOG_DEAD, stats.reason_key),
+      corpus | "CountCorpus" >> stats.CountMetric(stats.CORPUS_ITEMS, stats.day_key),
+      histories[history.USERS] | "CountUsers" >> stats.CountMetric(
+          stats.USERS, stats.day_key),
+      histories[history.STATE] | "CountHistoryUsers" >> stats.CountMetric(
+          stats.HISTORY_USERS, stats.day_key),
+  ]
+  _ = (counts
+       | "AllCounts" >> beam.Flatten()
+       | "Stats" >> stats.ComputeStats(plan.data_tmp, plan.context()))
+
+
+def _runner(options: PipelineOptions) -> Optional[FnApiRunner]:
+  """Without --runner: the DirectRunner's in-process engine, the FnApiRunner.
+
+  The DirectRunner itself would first try to download and start the Prism runner
+  from GitHub; the FnApiRunner honours --direct_num_workers and
+  --direct_running_mode just the same and needs no network.
+  """
+  return FnApiRunner() if options.view_as(StandardOptions).runner is None else None
+
+
+def run_day(day: dt.date, workdir: str, settings: BeamSettings = BeamSettings(),
+            logs: Optional[str] = None, catalog: Optional[str] = None,
+            pipeline_args: Sequence[str] = ()) -> dict[str, Any]:
+  """Runs the day's pipeline, publishes its outputs, and returns stats.json's content.
+
+  Takes no lock: the caller holds W/.lock (the app, or the daily job for its run).
+  `pipeline_args` are Beam pipeline options (e.g. --runner=DataflowRunner ...).
+
+  Raises:
+    FileNotFoundError: the day has no log files.
+    io.PartitionLayoutError (a FileNotFoundError): a partition read for the day
+      holds files that would not be read.
+    history.MissingHistoryError: earlier days have data but no history state.
+    io.UnreadableFileError (inside Beam's error): a corrupt or truncated input file.
+    stats.StatsMismatchError (inside Beam's error): a line was lost.
+  """
+  paths = _workdir(workdir, logs, catalog)
+  for final in (paths.data_dir(day), paths.history_dir(day)):
+    for stale in io.remove_stale_temp_dirs(final):
+      logging.warning("removed %s, left by an earlier attempt", stale)
+  plan = plan_day(day, workdir, settings, logs, catalog)
+  logging.info("%s: logs %s, history from %s", day, plan.logs_pattern,
+               plan.previous_state or "nothing")
+  options = PipelineOptions(list(pipeline_args))
+  published = False
+  try:
+    with beam.Pipeline(runner=_runner(options), options=options) as p:
+      build_day(p, plan)
+    if FileSystems.exists(plan.scratch_dir):
+      FileSystems.delete([plan.scratch_dir])
+    io.publish(plan.state_tmp, plan.state_dir, history.SUMMARY_FILE)
+    io.publish(plan.data_tmp, plan.data_dir, stats.STATS_FILE)
+    published = True
+  finally:
+    if not published:
+      leftovers = [d for d in (plan.data_tmp, plan.state_tmp, plan.scratch_dir)
+                   if FileSystems.exists(d)]
+      if leftovers:
+        FileSystems.delete(leftovers)
+  with FileSystems.open(paths.stats_path(day)) as f:
+    day_stats = json.loads(f.read())
+  logging.info("%s: %d lines -> %d examples, %d duplicates, %d dead letters -> %s",
+               day, day_stats["input_lines"], day_stats["examples"],
+               day_stats["duplicates"], day_stats["dead_letters"], plan.data_dir)
+  return day_stats

@@ -1,0 +1,349 @@
+"""The daily job as a library: runs days, or catches up a range, end to end.
+
+For each day D, in order (test-then-train):
+  1. beam:     logs/D + catalog/<=D + state/history/D-1 -> data/D (Beam job);
+  2. evaluate: the newest export labelled with a day before D is scored on D's events;
+  3. train:    one pass over data/D in time order, from the latest checkpoint;
+  4. export:   a new ScaNN and exact export version from the trained model;
+  5. report:   D's metrics are appended to eval/summary.json and eval/summary.png.
+
+`W/manifest.json` records each completed step, so a re-run of a completed day is a
+no-op (unless --force) and a killed run resumes at the step it was in (the trainer
+itself resumes mid-day from its checkpoint). `W/.lock` keeps a second run out.
+A range runs in one process: TensorFlow is imported once and the model and its
+frequency estimator stay in memory from day to day.
+
+Evaluation never uses a model that has seen D: a forced re-run of D, or a day run
+after later ones, is scored by the export made before D, as the first run was.
+When the manifest records an export of an earlier day but W/exports lacks it, the
+day fails naming the missing directory (it is not recorded as "no export yet").
+Export versions only grow: the manifest keeps the highest one published.
+
+If the trainer restored a checkpoint older than the manifest says was trained (the
+newest was unreadable and the trainer fell back to the one before), the days in
+between are trained again, in order and from the restored position, before D: no
+example is skipped or trained twice. Their exports are kept, not redone: each was
+made from a model trained on exactly the days up to its label, so scoring later
+days with them stays honest, and TF Serving keeps the versions it has.
+
+The app is pipeline/daily.py; the demo and the benches call `run` directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
+
+from absl import logging
+
+from core import workdir as workdir_lib
+from evaluation import evaluator
+from models import trainer as trainer_lib
+from models.config import ModelConfig
+from pipeline import beam_day
+from pipeline import manifest as manifest_lib
+from pipeline import report
+from pipeline import workdir_lock
+from serving import exporter
+from serving import versions
+
+STEPS = ("beam", "evaluate", "train", "export", "report")
+
+
+class DayFailed(RuntimeError):
+  """A day cannot be run as asked; the message says why and what to look at."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSettings:
+  """What the daily job itself decides (the steps have settings of their own).
+
+  Attributes:
+    force: re-run days whose steps are complete.
+    max_dead_letter_rate: fail a day whose dead-letter lines exceed this fraction
+      of its input lines.
+    skip_missing_days: in a range, skip dates without a log partition (recorded
+      in the manifest) instead of failing.
+  """
+  force: bool = False
+  max_dead_letter_rate: float = 0.05
+  skip_missing_days: bool = False
+
+
+def log_partitions(logs_root: str) -> set[dt.date]:
+  """Dates that have a non-empty `logs_root/YYYY-MM-DD/`."""
+  return set(workdir_lib.partition_files(logs_root))
+
+
+def _version_of(export_dir: str) -> int:
+  return int(os.path.basename(export_dir.rstrip("/")))
+
+
+class DailyJob:
+  """Runs days in order in one process, keeping the trainer (model, estimator) warm.
+
+  It owns what lives from day to day: the trainer, the evaluation state (loaded
+  exports, interaction counts), the manifest. `progress`, when given, receives one
+  line per day and step (the apps print it).
+  """
+
+  def __init__(self, workdir: workdir_lib.Workdir, *,
+               settings: JobSettings = JobSettings(),
+               config: Optional[ModelConfig] = None,
+               beam: Optional[beam_day.BeamSettings] = None,
+               export: Optional[exporter.ExportSettings] = None,
+               pipeline_args: Sequence[str] = (), strategy: Any = None,
+               progress: Optional[Callable[[str], None]] = None):
+    self.workdir = workdir
+    self.settings = settings
+    self.config = config
+    self.beam = beam
+    self.export = export or exporter.ExportSettings()
+    self.pipeline_args = list(pipeline_args)
+    self.strategy = strategy
+    self.progress = progress or (lambda line: None)
+    self.manifest = manifest_lib.Manifest(workdir.manifest_path)
+    # Exports published today are scored tomorrow: one cache serves both steps.
+    self.exporting = exporter.ExportState()
+    self.evaluation = evaluator.EvaluationState(exports=self.exporting.published)
+    self._trainer: Optional[trainer_lib.Trainer] = None
+
+  @property
+  def trainer(self) -> trainer_lib.Trainer:
+    if self._trainer is None:
+      self._trainer = trainer_lib.Trainer(self.workdir.root, self.config,
+                                          strategy=self.strategy)
+    return self._trainer
+
+  def run_day(self, day: dt.date) -> dict[str, Any]:
+    """Runs every step of `day` not yet complete; returns the day's step records."""
+    if self.settings.force and self.manifest.get(day, "report"):
+      self.manifest.clear(day)
+    steps: dict[str, Callable[[dt.date], dict[str, Any]]] = {
+        "beam": self._beam, "evaluate": self._evaluate, "train": self._train,
+        "export": self._export, "report": self._report}
+    complete = [step for step in STEPS if self.manifest.done(day, step)]
+    if len(complete) == len(STEPS):
+      self.progress(f"{day} already complete (--force runs it again)")
+    elif complete:
+      self.progress(f"{day} resuming at {STEPS[len(complete)]} "
+                    f"({', '.join(complete)} already complete)")
+    for step in STEPS:
+      if self.manifest.done(day, step):
+        logging.info("%s %-8s already complete", day, step)
+        continue
+      logging.info("%s %-8s started", day, step)
+      start = time.perf_counter()
+      record = steps[step](day)
+      record["seconds"] = round(time.perf_counter() - start, 2)
+      self.manifest.mark(day, step, record)
+      logging.info("%s %-8s done in %.1f s", day, step, record["seconds"])
+      self.progress(f"{day} {step:<8} {record['seconds']:6.1f} s  "
+                    f"{_summary(step, record)}")
+    return self.manifest.days()[day.isoformat()]
+
+  def _beam(self, day: dt.date) -> dict[str, Any]:
+    # The model's history length is the one fact both sides use.
+    settings = dataclasses.replace(self.beam or beam_day.BeamSettings(),
+                                   max_history=self.trainer.config.max_history)
+    stats = beam_day.run_day(day, self.workdir.root, settings, logs=self.workdir.logs,
+                             catalog=self.workdir.catalog,
+                             pipeline_args=self.pipeline_args)
+    stats_path = self.workdir.stats_path(day)
+    lines = stats["input_lines"]
+    if lines == 0:
+      raise DayFailed(f"{day}: the logs under {self.workdir.logs_dir(day)} hold no lines "
+                      f"(see {stats_path})")
+    rate = stats["dead_letters"] / lines
+    if rate > self.settings.max_dead_letter_rate:
+      raise DayFailed(
+          f"{day}: dead-letter rate {rate:.4f} exceeds --max_dead_letter_rate="
+          f"{self.settings.max_dead_letter_rate} ({stats['dead_letters']} of {lines} "
+          f"lines); see {stats_path} and the dead_letter files beside it")
+    return {"input_lines": lines, "examples": stats["examples"],
+            "duplicates": stats["duplicates"], "dead_letters": stats["dead_letters"]}
+
+  def _exports_before(self, day: dt.date) -> Optional[tuple[str, str]]:
+    """versions.exports_before, its errors as DayFailed naming the day."""
+    try:
+      return versions.exports_before(self.workdir.root, day)
+    except (NotADirectoryError, FileNotFoundError, ValueError) as e:
+      raise DayFailed(f"{day}: cannot list the exports: {e}") from e
+
+  def _recorded_export_before(self, day: dt.date) -> Optional[tuple[str, dict[str, Any]]]:
+    """(day, export record) of the latest day before `day` whose export the manifest
+    records as published, or None."""
+    for earlier, steps in sorted(self.manifest.days().items(), reverse=True):
+      record = steps.get(manifest_lib.EXPORT_STEP) or {}
+      if earlier < day.isoformat() and isinstance(record.get("version"), int):
+        return earlier, record
+    return None
+
+  def _evaluate(self, day: dt.date) -> dict[str, Any]:
+    found = self._exports_before(day)
+    expected = self._recorded_export_before(day)
+    if expected and (found is None or _version_of(found[1]) < expected[1]["version"]):
+      earlier, record = expected
+      missing = os.path.join(self.workdir.exports_base(versions.EXACT_MODEL),
+                             str(record["version"]))
+      raise DayFailed(
+          f"{day}: cannot evaluate: {missing} is missing, but the manifest "
+          f"records it as the export of {earlier} (version {record['version']}), the "
+          f"one day {day} must be scored with; restore it under "
+          f"{self.workdir.exports_root}")
+    if found is None:
+      return {"skipped": "no export yet: nothing trained before this day"}
+    metrics = evaluator.evaluate_day(self.workdir.root, day, found[0], found[1],
+                                     state=self.evaluation)
+    exact = metrics["exports"].get("exact") or metrics["exports"]["scann"]
+    return {"export": found[1], "export_version": exact["version"],
+            "exported_from_day": exact["exported_from_day"],
+            "metrics": os.path.join(self.workdir.eval_dir(day), workdir_lib.METRICS),
+            "recall": report.headline(metrics)}
+
+  def _behind(self, day: dt.date) -> list[dt.date]:
+    """Days before `day` the manifest records as trained but the trainer has not
+    (fully) trained: it restored a checkpoint older than the newest."""
+    last, _, complete = self.trainer.position()
+    behind = []
+    for name, steps in self.manifest.days().items():
+      trained = dt.date.fromisoformat(name)
+      if trained < day and "train" in steps and (
+          last is None or trained > last or (trained == last and not complete)):
+        behind.append(trained)
+    return behind
+
+  def _train(self, day: dt.date) -> dict[str, Any]:
+    retrained = []
+    for earlier in self._behind(day):
+      logging.warning("%s: the manifest records %s as trained, but the restored "
+                      "checkpoint %s is at %s; training %s again first", day, earlier,
+                      self.trainer.restored, self.trainer.position(), earlier)
+      self.progress(f"{earlier} train    again: the checkpoint restored "
+                    f"({self.trainer.restored}) is behind the manifest")
+      stats = self.trainer.train_day(earlier)
+      retrained.append({key: stats.get(key) for key in (
+          "day", "status", "examples", "examples_this_run", "global_step")})
+    record = _jsonable(self.trainer.train_day(day))
+    if retrained:
+      record["retrained"] = _jsonable(retrained)
+    return record
+
+  def _export(self, day: dt.date) -> dict[str, Any]:
+    found = self._exports_before(day + dt.timedelta(days=1))
+    meta = versions.read_metadata(found[1]) if found else {}
+    labelled_today = meta.get("day") == day.isoformat()
+    last, _, complete = self.trainer.position()
+    if labelled_today and (not self.settings.force or (last, complete) != (day, True)):
+      # Published by a run that died before recording it, or the model has trained
+      # past D since (a forced re-run of D): keep that version.
+      return {"version": meta["version"], "scann_dir": found[0], "exact_dir": found[1],
+              "ann_recall_at_10": meta["ann"]["recall_at_10"], "reused": True}
+    if (last, complete) != (day, True):
+      return {"skipped": f"the model has trained through {last}, past {day}, and no "
+                         f"export of {day} exists; an export labelled {day} would "
+                         "hold later days"}
+    try:
+      result = exporter.export_day(
+          self.trainer.model, self.trainer.config, self.workdir.root, day,
+          self.export, trained=self.trainer.trained_position(),
+          min_version=self.manifest.export_high_water + 1, state=self.exporting)
+    except (NotADirectoryError, ValueError) as e:  # W/exports a file; ANN recall too low
+      raise DayFailed(f"{day}: cannot export: {e}") from e
+    return {"version": result["version"], "scann_dir": result["scann_dir"],
+            "exact_dir": result["exact_dir"],
+            "ann_recall_at_10": result["metadata"]["ann"]["recall_at_10"]}
+
+  def _report(self, day: dt.date) -> dict[str, Any]:
+    return report.update(self.workdir, self.manifest.days(), day)
+
+
+def _summary(step: str, record: dict[str, Any]) -> str:
+  """The progress line's words for a finished step record."""
+  if "skipped" in record:
+    return f"skipped: {record['skipped']}"
+  if step == "beam":
+    return (f"{record['examples']} examples, {record['dead_letters']} dead letters, "
+            f"{record['duplicates']} duplicates")
+  if step == "evaluate":
+    recall = record["recall"]["all"]
+    figures = ", ".join(f"{method} {recall[method]['10']:.3f}"
+                        for method in report.METHODS if method in recall)
+    return (f"R@10 {figures} (export {record['export_version']} of "
+            f"{record['exported_from_day']})")
+  if step == "train":
+    loss = record.get("mean_loss")
+    words = (f"{record.get('examples')} examples, "
+             f"{'-' if loss is None else f'{loss:.3f}'} mean loss, "
+             f"global step {record.get('global_step')}")
+    if record.get("status") != "trained":
+      words += f" ({record.get('status')})"
+    if record.get("retrained"):
+      words += f"; trained again first: {', '.join(r['day'] for r in record['retrained'])}"
+    return words
+  if step == "export":
+    return (f"version {record['version']}{' (reused)' if record.get('reused') else ''}, "
+            f"ANN recall@10 {record['ann_recall_at_10']:.3f}")
+  return record.get("summary", "")
+
+
+def _jsonable(value: Any) -> Any:
+  return json.loads(json.dumps(value, default=str))
+
+
+def days_to_run(first: dt.date, last: dt.date, available: set[dt.date],
+                skip_missing: bool) -> tuple[list[dt.date], list[dt.date]]:
+  """(days to run, days skipped for lack of logs); raises DayFailed on a gap."""
+  wanted = [first + dt.timedelta(days=i) for i in range((last - first).days + 1)]
+  missing = [d for d in wanted if d not in available]
+  single = first == last
+  if missing and (single or not skip_missing):
+    raise DayFailed(
+        f"no log partition for {', '.join(map(str, missing[:5]))}"
+        f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of {len(wanted)} days)"
+        + ("" if single else "; pass --skip_missing_days to run only the days with logs"))
+  return [d for d in wanted if d in available], missing
+
+
+def run(workdir: workdir_lib.Workdir | str, first: dt.date, last: dt.date,
+        on_start: Optional[Callable[[], None]] = None,
+        **job_options: Any) -> dict[str, Any]:
+  """Runs the days `first`..`last` under the workdir lock; returns the manifest's days.
+
+  Everything that can be checked before a step runs (the dates and their log
+  partitions, the model config against W/config.json) is checked before the lock
+  is taken, so a refused run creates nothing. `on_start` is called once the lock
+  is held (an app opens its log file there). `job_options` are DailyJob's keyword
+  arguments (settings, config, beam, export, progress, ...).
+
+  Raises:
+    DayFailed: the days cannot be run (missing logs, a config that differs from
+      the workdir's).
+  """
+  workdir = workdir if isinstance(workdir, workdir_lib.Workdir) else workdir_lib.Workdir(
+      workdir)
+  settings = job_options.get("settings", JobSettings())
+  days, missing = days_to_run(first, last, log_partitions(workdir.logs),
+                              settings.skip_missing_days)
+  try:
+    trainer_lib.resolve_config(workdir.root, job_options.get("config"))
+  except ValueError as e:  # a config that W/config.json refuses
+    raise DayFailed(str(e)) from e
+  with workdir_lock.WorkdirLock(workdir.root):
+    if on_start:
+      on_start()
+    job = DailyJob(workdir, **job_options)
+    if missing:
+      reason = f"no log partition under {workdir.logs}"
+      line = (f"skipping {len(missing)} of {len(missing) + len(days)} days "
+              f"({missing[0]} .. {missing[-1]}): {reason}")
+      logging.warning("%s", line)
+      job.progress(line)
+      job.manifest.mark_all(missing, "skipped", {"reason": reason})
+    for day in days:
+      job.run_day(day)
+    return job.manifest.days()

@@ -1,0 +1,389 @@
+"""Exports a trained model for TF Serving: a ScaNN variant and its exact twin.
+
+The library of the export; its command line is serving/export.py, and the daily
+job calls `export_day` after training a day. The candidate tower embeds day D's
+corpus (W/data/D/corpus-*.tfrecord.gz); the embeddings are indexed by ScaNN, with
+parameters chosen from the corpus size and checked against exact search on
+held-out queries (the query tower over day D's events, serving/index.py). Both
+variants are then written, each with its warm-up requests and metadata, loaded
+back and replayed, and only then published:
+
+  W/exports/retrieval_scann/<version>/   needs ScaNN's ops to load
+  W/exports/retrieval_exact/<version>/   stock TensorFlow ops only
+    saved_model.pb, variables/, assets.extra/{tf_serving_warmup_requests,
+    metadata.json}
+
+`export_day` is `build_export` (compute: embed, tune the index, make the
+servables and their metadata) then `write_export` (stage, warm up, verify,
+publish). Both variants of one export share the version number, one more than
+any existing version of either (and at least `min_version`, a high-water mark
+the daily job keeps), and the exact one is published last, so an exact version
+implies its ScaNN twin. A failed export (recall below min_ann_recall, bad
+corpus, crash before publication) publishes nothing; its staging directories are
+removed by the next run. One exporter per workdir at a time (the daily job holds
+W/.lock).
+
+An export is labelled with day D only when the model has trained day D to its
+end: the trained position (models.trainer.TrainedPosition) is checked against D
+and recorded in the metadata ("trained"). `serving.versions.exports_before`
+finds the export a day's evaluation may score.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import os
+import platform
+import time
+from typing import Any, Callable, Mapping, Optional
+import weakref
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+from core import workdir as workdir_lib
+from models import data
+from models import trainer as trainer_lib
+from models.config import ModelConfig
+from serving import corpus as corpus_lib
+from serving import index
+from serving import servable
+from serving import versions
+from serving import warmup
+
+# Published last: an exact version implies its ScaNN twin.
+MODELS = (versions.SCANN_MODEL, versions.EXACT_MODEL)
+_EMBED_BATCH = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+  """How to export, besides the model and the day.
+
+  Attributes:
+    export_k: items returned by serving_default.
+    min_ann_recall: required ScaNN recall@10 against exact search.
+    corpus_glob: corpus files to index (None: W/data/D/corpus-*.tfrecord.gz).
+    scann_params: ScaNN parameters to start tuning from (None: the rule of thumb
+      for the corpus size, index.scann_params).
+  """
+  export_k: int = 100
+  min_ann_recall: float = 0.95
+  corpus_glob: Optional[str] = None
+  scann_params: Optional[index.ScannParams] = None
+
+
+class Embedder:
+  """Runs towers over numpy features in batches, one tf.function per tower.
+
+  Kept across days by the caller, so that a catch-up traces each tower once, not
+  daily; it holds the functions of the `max_towers` towers used last (a model's
+  query and candidate towers), by weak reference to the towers.
+  """
+
+  def __init__(self, max_towers: int = 2):
+    self.max_towers = max_towers
+    self._functions: collections.OrderedDict[int, tuple[weakref.ref, Callable]] = (
+        collections.OrderedDict())
+
+  def function(self, tower: tf.keras.Model) -> Callable:
+    """The tf.function that calls `tower` (inference mode), traced once per tower."""
+    held = self._functions.get(id(tower))
+    if held is None or held[0]() is not tower:  # an id may be reused after collection
+      ref = weakref.ref(tower)  # A strong one would keep the tower alive.
+      held = (ref, tf.function(lambda batch: ref()(batch, training=False),
+                               reduce_retracing=True))
+      self._functions[id(tower)] = held
+    self._functions.move_to_end(id(tower))
+    while len(self._functions) > self.max_towers:
+      self._functions.popitem(last=False)
+    return held[1]
+
+  def __call__(self, tower: tf.keras.Model, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """float32 [n, d]: `tower` over the n rows of `inputs`."""
+    run = self.function(tower)
+    num = len(next(iter(inputs.values())))
+    out = [run({k: tf.constant(v[i:i + _EMBED_BATCH]) for k, v in inputs.items()}).numpy()
+           for i in range(0, num, _EMBED_BATCH)]
+    return np.concatenate(out).astype(np.float32)
+
+
+class LoadedExports:
+  """Loaded SavedModels by path: the `capacity` used last.
+
+  `write_export` puts the versions it just verified here, so the next day's
+  evaluation, given the same object, scores them without loading them again.
+  """
+
+  def __init__(self, capacity: int = 2):
+    self.capacity = capacity
+    self._loaded: collections.OrderedDict[str, tf.Module] = collections.OrderedDict()
+
+  @staticmethod
+  def _key(export_dir: str) -> str:
+    return export_dir if "://" in export_dir else os.path.abspath(export_dir)
+
+  def put(self, export_dir: str, loaded: tf.Module) -> None:
+    key = self._key(export_dir)
+    self._loaded[key] = loaded
+    self._loaded.move_to_end(key)
+    while len(self._loaded) > self.capacity:
+      self._loaded.popitem(last=False)
+
+  def load(self, export_dir: str) -> tf.Module:
+    """The SavedModel at `export_dir`: from memory, else tf.saved_model.load."""
+    loaded = self._loaded.get(self._key(export_dir))
+    if loaded is None:
+      loaded = tf.saved_model.load(export_dir)
+    self.put(export_dir, loaded)
+    return loaded
+
+
+@dataclasses.dataclass
+class ExportState:
+  """What exports keep from one day to the next, owned by the caller (bounded).
+
+  Attributes:
+    embedder: the towers' traced functions.
+    published: the versions published last, loaded (share it with the evaluation).
+  """
+  embedder: Embedder = dataclasses.field(default_factory=Embedder)
+  published: LoadedExports = dataclasses.field(default_factory=LoadedExports)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltExport:
+  """Both servables of an export, computed but not written.
+
+  Attributes:
+    retrievers: by model name (MODELS).
+    metadata: by model name, each version's metadata.json but its "version".
+    requests: the query features of the warm-up requests.
+    started: time.perf_counter() when the export began.
+  """
+  retrievers: dict[str, servable.Retriever]
+  metadata: dict[str, dict[str, Any]]
+  requests: dict[str, np.ndarray]
+  started: float
+
+
+def check_label(position: trainer_lib.TrainedPosition, day: datetime.date) -> None:
+  """Raises ValueError unless `position` is day `day`, trained to its end."""
+  if position.day == day and position.complete:
+    return
+  source = position.checkpoint or "the model given"
+  if position.day is None:
+    trained = "has not trained any day"
+  else:
+    trained = (f"has trained {position.examples} examples of {position.day.isoformat()} "
+               f"({'complete' if position.complete else 'incomplete'}, global step "
+               f"{position.global_step})")
+  label = day.isoformat()
+  raise ValueError(f"refusing to label an export {label}: {source} {trained}; "
+                   f"export {label} after training that day to its end")
+
+
+def data_range(workdir: str, day: datetime.date) -> dict[str, Any]:
+  """The days with examples under W/data up to `day`: what the model may have seen."""
+  days = [d for d in workdir_lib.partition_dates(workdir_lib.Workdir(workdir).data_root)
+          if d <= day and data.example_files(workdir, d)]
+  return {"first_day": days[0].isoformat() if days else None,
+          "last_day": days[-1].isoformat() if days else None, "num_days": len(days)}
+
+
+def stack_versions() -> dict[str, str]:
+  """Versions of the libraries an export depends on."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  packages = ("tensorflow", "tf-keras", "tensorflow-recommenders", "scann",
+              "tensorflow-serving-api", "numpy")
+  found = {"python": platform.python_version()}
+  for name in packages:
+    try:
+      found[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      found[name] = "not installed"
+  return found
+
+
+def _day_queries(workdir: str, day: datetime.date, item_ids: np.ndarray,
+                 max_history: int) -> tuple[dict[str, np.ndarray], str]:
+  """(query features, where they came from): day D's events, else corpus seeds."""
+  has_day = tf.io.gfile.isdir(workdir_lib.Workdir(workdir).data_dir(day))
+  day_files = data.example_files(workdir, day) if has_day else []
+  queries = corpus_lib.read_queries(day_files, max_history)
+  if queries:
+    return queries, f"{len(day_files)} example files of {day.isoformat()}"
+  return (corpus_lib.queries_from_corpus(item_ids, corpus_lib.NUM_RECALL_QUERIES),
+          "corpus items as seeds (no events that day)")
+
+
+def _ann_metadata(tuned: index.TunedScann, k: int, max_k: int, num_items: int,
+                  min_recall: float, query_source: str) -> dict[str, Any]:
+  """The "ann" entry of the metadata: measured recall, parameters, tuning attempts."""
+  return {"recall_at_10": tuned.recall[min(index.RECALL_K, num_items)],
+          "recall_at_k": tuned.recall[min(k, num_items)], "k": min(k, num_items),
+          "min_recall": min_recall, "num_queries": tuned.num_queries,
+          "query_source": query_source, "params": dataclasses.asdict(tuned.params),
+          # Searches widen with k so that k real items come back up to max_k.
+          "leaves_searched": {str(c): int(tuned.layer.leaves_for(c))
+                              for c in sorted({min(k, max_k), max_k})},
+          "attempts": list(tuned.attempts)}
+
+
+def _retrievers(model: tf.keras.Model, config: ModelConfig, item_ids: np.ndarray,
+                item_embeddings: np.ndarray, tuned: index.TunedScann, k: int
+                ) -> dict[str, servable.Retriever]:
+  """The two servables over one corpus, by model name."""
+  common = dict(query_tower=model.query_tower, candidate_tower=model.candidate_tower,
+                item_ids=item_ids, item_embeddings=item_embeddings,
+                temperature=config.temperature, k=k, max_history=config.max_history)
+  return {
+      versions.SCANN_MODEL: servable.ScannRetriever(
+          index=tuned.layer,
+          num_reordering_candidates=tuned.params.num_reordering_candidates, **common),
+      versions.EXACT_MODEL: servable.ExactRetriever(**common),
+  }
+
+
+def build_export(model: tf.keras.Model, config: ModelConfig, workdir: str,
+                 day: datetime.date, settings: ExportSettings,
+                 position: trainer_lib.TrainedPosition,
+                 embedder: Optional[Embedder] = None) -> BuiltExport:
+  """Embeds and indexes day D's corpus; the two servables and their metadata."""
+  started = time.perf_counter()
+  embedder = embedder or Embedder()
+  pattern = settings.corpus_glob or os.path.join(
+      workdir_lib.Workdir(workdir).data_dir(day), corpus_lib.CORPUS_PATTERN)
+  item_ids, corpus = corpus_lib.read_corpus(pattern)
+  item_embeddings = embedder(model.candidate_tower, corpus)
+  logging.info("embedded %d corpus items from %s", len(item_ids), pattern)
+  queries, query_source = _day_queries(workdir, day, item_ids, config.max_history)
+  k = settings.export_k
+  tuned = index.tune_scann(item_embeddings, embedder(model.query_tower, queries), k=k,
+                           max_fetch=k + config.max_history,
+                           min_recall=settings.min_ann_recall, params=settings.scann_params)
+  retrievers = _retrievers(model, config, item_ids, item_embeddings, tuned, k)
+  shared = {
+      "day": day.isoformat(), "trained": position.to_json(),
+      "data_range": data_range(workdir, day),
+      "corpus": {"size": len(item_ids), "glob": pattern,
+                 "embedding_dim": int(item_embeddings.shape[1])},
+      "ann": _ann_metadata(tuned, k, retrievers[versions.SCANN_MODEL].max_k,
+                           len(item_ids), settings.min_ann_recall, query_source),
+      "config": config.to_dict(), "stack": stack_versions(),
+      "signatures": list(servable.SIGNATURES),
+      "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+  }
+  metadata = {name: {**shared, "model": name, "k": retriever.k, "max_k": retriever.max_k,
+                     "search": "scann" if name == versions.SCANN_MODEL else "exact",
+                     "needs_scann_ops": name == versions.SCANN_MODEL}
+              for name, retriever in retrievers.items()}
+  requests = {name: value[:max(warmup.BATCH_SIZES)] for name, value in queries.items()}
+  return BuiltExport(retrievers, metadata, requests, started)
+
+
+def _verify(export_dir: str, logs: list[prediction_log_pb2.PredictionLog],
+            k: int) -> tf.Module:
+  """Loads the written SavedModel and replays its warm-up requests; raises if wrong.
+
+  Returns:
+    The loaded SavedModel.
+  """
+  loaded = tf.saved_model.load(export_dir)
+  for log, out in zip(logs, warmup.replay(loaded, logs)):
+    request = log.predict_log.request
+    batch = tf.make_ndarray(request.inputs["user_id"]).shape[0]
+    if request.model_spec.signature_name == servable.SERVING_DEFAULT:
+      if out["item_ids"].shape != (batch, k) or out["scores"].shape != (batch, k):
+        raise RuntimeError(f"{export_dir}: serving_default answered "
+                           f"{out['item_ids'].shape} for a batch of {batch}, k={k}")
+  return loaded
+
+
+def _stage(name: str, retriever: servable.Retriever, base: str, version: int,
+           metadata: dict[str, Any], requests: Mapping[str, np.ndarray]
+           ) -> tuple[str, tf.Module]:
+  """Writes one variant into a staging directory beside `base`/`version`, verified.
+
+  Returns:
+    (the staging directory, the SavedModel loaded back from it).
+  """
+  tf.io.gfile.makedirs(base)
+  staged = versions.staging_dir(base, version)
+  retriever.save(staged)
+  logs = list(warmup.warmup_logs(name, requests))
+  warmup.write_warmup(staged, logs)
+  versions.write_metadata(staged, metadata)
+  return staged, _verify(staged, logs, retriever.k)
+
+
+def write_export(built: BuiltExport, workdir: str, min_version: int = 1,
+                 published: Optional[LoadedExports] = None) -> dict[str, Any]:
+  """Stages, warms up, verifies and publishes both variants of `built`.
+
+  Returns:
+    {"version", "scann_dir", "exact_dir", "metadata"} (metadata of the ScaNN one).
+  """
+  bases = {name: workdir_lib.Workdir(workdir).exports_base(name) for name in MODELS}
+  for base in bases.values():
+    versions.remove_stale_staging(base)
+  version = versions.next_version(*bases.values(), min_version=min_version)
+  metadata = {name: {**built.metadata[name], "version": version} for name in MODELS}
+  staged = {name: _stage(name, built.retrievers[name], bases[name], version,
+                         metadata[name], built.requests) for name in MODELS}
+  directories = {name: versions.publish(staged[name][0], bases[name], version)
+                 for name in MODELS}
+  if published is not None:
+    for name in MODELS:
+      published.put(directories[name], staged[name][1])
+  logging.info("published version %d of %s in %.1fs (ANN recall@10 %.4f)", version,
+               list(MODELS), time.perf_counter() - built.started,
+               metadata[versions.SCANN_MODEL]["ann"]["recall_at_10"])
+  return {"version": version, "scann_dir": directories[versions.SCANN_MODEL],
+          "exact_dir": directories[versions.EXACT_MODEL],
+          "metadata": metadata[versions.SCANN_MODEL]}
+
+
+def export_day(model: tf.keras.Model, config: ModelConfig, workdir: str,
+               day: datetime.date, settings: ExportSettings = ExportSettings(), *,
+               trained: Optional[trainer_lib.TrainedPosition] = None,
+               min_version: int = 1, state: Optional[ExportState] = None
+               ) -> dict[str, Any]:
+  """Indexes day D's corpus and publishes both exports under W/exports.
+
+  Args:
+    model: the trained TwoTowerModel (`.query_tower`, `.candidate_tower`).
+    config: its ModelConfig (temperature, max_history; stored in the metadata).
+    workdir: the workdir.
+    day: the day whose corpus is indexed and whose events are the recall queries,
+      and the export's label: the model must have trained day D to its end.
+    settings: k, the recall bar, the corpus, the starting ScaNN parameters.
+    trained: how far `model` has trained (`Trainer.trained_position()`, or the
+      position `load_model` returns); None reads it from the latest checkpoint
+      in W/checkpoints, for a model loaded from there.
+    min_version: the least version number to publish (a high-water mark kept by
+      the caller): the version is max(next free version, min_version).
+    state: what the caller keeps between days (None: a fresh one).
+
+  Returns:
+    {"version", "scann_dir", "exact_dir", "metadata"} (metadata of the ScaNN one).
+
+  Raises:
+    ValueError: the trained position is not day D complete; ScaNN's recall stays
+      below `min_ann_recall`; a bad corpus; min_version < 1.
+    FileNotFoundError: no corpus; no checkpoint when `trained` is None.
+    NotADirectoryError: W/exports, or a base under it, is a file.
+  """
+  position = trained if trained is not None else trainer_lib.checkpoint_position(workdir)
+  check_label(position, day)
+  if min_version < 1:
+    raise ValueError(f"min_version must be >= 1, got {min_version}")
+  for name in MODELS:
+    versions.require_directory(workdir_lib.Workdir(workdir).exports_base(name))
+  state = state or ExportState()
+  built = build_export(model, config, workdir, day, settings, position, state.embedder)
+  return write_export(built, workdir, min_version, state.published)
