@@ -41,6 +41,7 @@ from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from models import features  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.retrieval import TwoTowerModel  # noqa: E402
 from serving import index  # noqa: E402
@@ -60,10 +61,6 @@ _OUT = flags.DEFINE_string("out_dir", None, "Where to save the SavedModels "
                            "(default: a temporary directory, removed afterwards).")
 
 Request = dict[str, tf.Tensor]
-# One item of the corpus, to build the candidate tower.
-CANDIDATE = {"item_id": tf.constant(["item0"]), "item_channel_id": tf.constant(["c"]),
-             "item_topics": tf.constant([["t"]]), "item_topic_weights": tf.constant([[1.0]]),
-             "item_duration_s": tf.constant([60.0])}
 
 
 def strengthen_item_ids(model: TwoTowerModel, seed: int = 0) -> None:
@@ -72,12 +69,21 @@ def strengthen_item_ids(model: TwoTowerModel, seed: int = 0) -> None:
   At their initial scale (uniform +-0.05) every request maps to nearly the same
   direction (mean cosine 0.98) and all queries would hit one corner of the corpus.
   With larger item-id rows, as training gives them, the seed item and the history
-  steer the query, as in a trained recommender.
+  steer the query, as in a trained recommender. Builds the query tower first: a
+  fresh model has no table yet (Keras makes it on the first call). The candidate
+  tower is left unbuilt: the servable builds it.
+
+  Raises:
+    ValueError: the query tower has no item-id table to strengthen.
   """
+  servable.build_tower(model.query_tower, features.QUERY_FEATURES)
   tf.random.set_seed(seed)
-  for variable in model.query_tower.trainable_variables:
-    if "item_id_embedding" in variable.name:
-      variable.assign(tf.random.normal(variable.shape))
+  tables = [variable for variable in model.query_tower.trainable_variables
+            if "item_id_embedding" in variable.name]
+  if not tables:
+    raise ValueError("the query tower has no item_id_embedding variable to strengthen")
+  for variable in tables:
+    variable.assign(tf.random.normal(variable.shape))
 
 
 def item_embeddings(centres: np.ndarray, num: int, noise: float = 0.6,
@@ -138,9 +144,6 @@ def build(out_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """Builds, tunes, saves and loads both variants; returns (calls, figures)."""
   config = ModelConfig(embedding_dim=_DIM.value)
   model = TwoTowerModel(config)
-  # The embeddings are synthetic, so the candidate tower would first run (and make
-  # its variables) while the export traces it: untracked by the retriever then.
-  model.candidate_tower(CANDIDATE, training=False)
   strengthen_item_ids(model)
   tower = tf.function(lambda request: model.query_tower(request, training=False))
   num_items = _NUM_ITEMS.value

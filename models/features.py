@@ -112,6 +112,12 @@ def parse_examples(serialized: tf.Tensor, names: Sequence[str] = tuple(FEATURES)
   return _densify(parsed, {"history_item_ids": max_history})
 
 
+def default_batch(names: Sequence[str] = TRAINING_FEATURES) -> dict[str, tf.Tensor]:
+  """One all-default example of the features `names`, parsed: calling a tower on it
+  creates every variable (Keras makes them on the first call)."""
+  return parse_examples(tf.constant([to_example({}).SerializeToString()]), names)
+
+
 def query_input_signature() -> dict[str, tf.TensorSpec]:
   """The serving inputs of a query: raw values, batched; history is [batch, width]."""
   return {

@@ -72,12 +72,6 @@ class DivergenceError(FloatingPointError):
   """A training step produced a NaN or infinite loss."""
 
 
-def _dummy_batch() -> dict[str, tf.Tensor]:
-  """One all-default example: builds every tower variable before a restore."""
-  return features.parse_examples(tf.constant([features.to_example({}).SerializeToString()]),
-                                 features.TRAINING_FEATURES)
-
-
 def resolve_config(workdir: str, config: Optional[ModelConfig]) -> ModelConfig:
   """The config to train with: `config`, checked against W/config.json if present.
 
@@ -259,7 +253,7 @@ def load_model(workdir: str) -> tuple[TwoTowerModel, TrainedPosition]:
   if config is None:
     raise FileNotFoundError(f"{paths.config_path}: missing; train at least one day first")
   model = TwoTowerModel(config)
-  model(_dummy_batch())
+  model(features.default_batch())
   restored = restore_checkpoint({"model": model}, paths.checkpoints_dir, partial=True)
   if restored is None:
     raise FileNotFoundError(f"{paths.checkpoints_dir}: no checkpoint")
@@ -313,7 +307,7 @@ class Trainer:
                                        name="day_loss_sum")
       self._day_loss_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
                                          name="day_loss_steps")
-      self.model(_dummy_batch())
+      self.model(features.default_batch())
       # Slots now, so that a restore fills them at once and is checked whole.
       self.optimizer.build(self.model.trainable_variables)
     # POSITION_KEYS (day, day_examples, day_complete) are what checkpoint_position reads.

@@ -24,7 +24,7 @@ than the model's `max_history` is cut to its most recent items, as in training.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -92,6 +92,18 @@ def _check_batch(features: Mapping[str, tf.Tensor]) -> list[tf.Operation]:
   ]
 
 
+def build_tower(tower: tf.keras.Model, names: Sequence[str]) -> None:
+  """Calls `tower`, unless built, once on an all-default example of features `names`.
+
+  Keras makes a layer's variables on its first call. A tower never called (a fresh
+  model, one whose embeddings come from elsewhere) would make them while `save`
+  traces the signatures, after `Retriever` collected the state it tracks: the
+  SavedModel would capture variables it does not hold, and refuse to save.
+  """
+  if not getattr(tower, "built", False):
+    tower(features_lib.default_batch(names), training=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Untracked:
   """Keras objects held outside the tracked object graph (see Retriever)."""
@@ -115,7 +127,8 @@ class Retriever(tf.Module):
 
   The SavedModel tracks the towers' variables and resources, not the Keras models:
   saving a tracked Keras model also traces and writes every layer's Keras call
-  functions, seconds per export that no signature uses. `item_ids` and
+  functions, seconds per export that no signature uses. Towers never called are
+  built first (`build_tower`), so that those variables all exist. `item_ids` and
   `item_embeddings` may be given as variables, so a search layer's own copy
   (ExactRetriever's) is the one saved.
 
@@ -134,6 +147,8 @@ class Retriever(tf.Module):
     super().__init__(name=name)
     if not 1 <= k <= max_k:
       raise ValueError(f"need 1 <= k <= max_k, got k={k}, max_k={max_k}")
+    build_tower(query_tower, features_lib.QUERY_FEATURES)
+    build_tower(candidate_tower, features_lib.CANDIDATE_FEATURES)
     self._keras = _Untracked(query_tower, candidate_tower, search)
     self.tower_state = _state(query_tower, candidate_tower)
     self.item_ids = _variable(item_ids, "item_ids")

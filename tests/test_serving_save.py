@@ -1,0 +1,143 @@
+"""Saving the servables from towers never called, and the serving bench at a tiny size.
+
+A Keras tower makes its variables on its first call. The retrievers must save
+(and load in a fresh process) even when nothing called the towers before them,
+as in bench/serving_latency.py, whose corpus embeddings are synthetic.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+from models.retrieval import TwoTowerModel
+from serving import index
+from serving import servable
+import serving_testlib as tl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_ITEMS = 60
+K = 7
+# Loads the exact export before ScaNN's ops are registered (it needs none), then
+# the ScaNN one; answers every signature and prints the outputs as JSON.
+_LOAD_AND_ASK = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+request = {name: tf.constant(value) for name, value in json.loads(sys.argv[3]).items()}
+request["timestamp"] = tf.cast(request["timestamp"], tf.int64)
+candidates = {name: tf.constant(value) for name, value in json.loads(sys.argv[4]).items()}
+out = {}
+for name, path in (("exact", sys.argv[1]), ("scann", sys.argv[2])):
+  if name == "scann":
+    import scann  # noqa: F401  (ScaNN's ops, before loading its export)
+  signatures = tf.saved_model.load(path).signatures
+  answers = {
+      "serving_default": signatures["serving_default"](**request),
+      "retrieve": signatures["retrieve"](
+          **request, k=tf.constant(4), exclude_item_ids=tf.constant([["item0"]] * 3)),
+      "query_embedding": signatures["query_embedding"](**request),
+      "candidate_embedding": signatures["candidate_embedding"](**candidates),
+  }
+  out[name] = {signature: {key: np.asarray(value).tolist() if value.dtype != tf.string
+                           else [[v.decode() for v in row] for row in value.numpy()]
+                           for key, value in outputs.items()}
+               for signature, outputs in answers.items()}
+print(json.dumps(out))
+"""
+
+
+def _request():
+  """Three queries; history wider than max_history (5), as serving may send."""
+  return {
+      "user_id": ["u1", "u2", ""],
+      "seed_item_id": ["item3", "", "item9"],
+      "history_item_ids": [[f"item{i}" for i in range(7)], [""] * 7,
+                           ["item1", "item2"] + [""] * 5],
+      "device": ["web", "ios", ""],
+      "country": ["de", "", "us"],
+      "timestamp": [1_709_600_000, 0, 1_709_700_000],
+  }
+
+
+def _candidates():
+  """Two items: one with two weighted topics, one unseen with every feature absent."""
+  return {"item_id": ["item1", "new"], "item_channel_id": ["c1", ""],
+          "item_topics": [["t1", "t2"], ["", ""]],
+          "item_topic_weights": [[1.0, 0.5], [0.0, 0.0]],
+          "item_duration_s": [60.0, 0.0]}
+
+
+def test_retrievers_of_never_called_towers_save_and_load_in_a_fresh_process(tmp_path):
+  config = tl.tiny_config()
+  model = TwoTowerModel(config)
+  assert not model.query_tower.built and not model.candidate_tower.built
+  item_ids = np.array([f"item{i}".encode() for i in range(NUM_ITEMS)], object)
+  rng = np.random.default_rng(0)
+  embeddings = rng.normal(size=(NUM_ITEMS, config.embedding_dim)).astype(np.float32)
+  embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+  params = index.scann_params(NUM_ITEMS, max_fetch=K + config.max_history)
+  common = dict(query_tower=model.query_tower, candidate_tower=model.candidate_tower,
+                item_ids=item_ids, item_embeddings=embeddings,
+                temperature=config.temperature, k=K, max_history=config.max_history)
+  paths = {"exact": str(tmp_path / "exact"), "scann": str(tmp_path / "scann")}
+  servable.ExactRetriever(**common).save(paths["exact"])
+  servable.ScannRetriever(index=index.build_scann(embeddings, params, k=K),
+                          num_reordering_candidates=params.num_reordering_candidates,
+                          **common).save(paths["scann"])
+
+  result = subprocess.run(
+      [sys.executable, "-c", _LOAD_AND_ASK, paths["exact"], paths["scann"],
+       json.dumps(_request()), json.dumps(_candidates())],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  answers = json.loads(result.stdout.strip().splitlines()[-1])
+
+  request = {name: tf.constant(value) for name, value in _request().items()}
+  request["timestamp"] = tf.cast(request["timestamp"], tf.int64)
+  # The exports hold the towers' own variables: they embed as the towers do here.
+  queries = model.query_tower(
+      {**request, "history_item_ids": request["history_item_ids"][:, :config.max_history]},
+      training=False).numpy()
+  items = model.candidate_tower({name: tf.constant(value)
+                                 for name, value in _candidates().items()},
+                                training=False).numpy()
+  corpus = {i.decode() for i in item_ids}
+  for name in ("exact", "scann"):
+    got = answers[name]
+    assert np.array(got["serving_default"]["scores"]).shape == (3, K), name
+    assert np.array(got["serving_default"]["item_ids"]).shape == (3, K), name
+    assert np.array(got["retrieve"]["scores"]).shape == (3, 4), name
+    returned = {i for row in got["retrieve"]["item_ids"] for i in row}
+    assert returned <= corpus - {"item0"}, name
+    query_embedding = np.array(got["query_embedding"]["query_embedding"])
+    candidate_embedding = np.array(got["candidate_embedding"]["candidate_embedding"])
+    assert query_embedding.shape == (3, config.embedding_dim), name
+    assert candidate_embedding.shape == (2, config.embedding_dim), name
+    np.testing.assert_allclose(query_embedding, queries, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(candidate_embedding, items, atol=1e-5, err_msg=name)
+
+
+def test_serving_latency_bench_runs_at_a_tiny_size(tmp_path):
+  """The bench's smallest run (no timing or quality checked: --min_ann_recall=0)."""
+  out = tmp_path / "serving.json"
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "bench", "serving_latency.py"),
+       "--num_items=500", "--dim=16", "--k=10", "--single_queries=3", "--batch_size=4",
+       "--batches=2", "--recall_queries=100", "--min_ann_recall=0",
+       f"--json_out={out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = json.loads(out.read_text())
+  expected = {"num_items", "dim", "k", "scann_params", "tuning_attempts",
+              "scann_saved_model_mb", "exact_saved_model_mb", "scann_qps", "exact_qps",
+              "ann_recall_at_10", "total_s"} | {
+                  f"{name}_{stat}_ms" for name in ("scann", "exact", "query_tower",
+                                                   "raw_scann")
+                  for stat in ("p50", "p99")}
+  assert expected <= set(figures)
+  assert (figures["num_items"], figures["dim"], figures["k"]) == (500, 16, 10)
+  assert 0.0 <= figures["ann_recall_at_10"] <= 1.0
