@@ -28,6 +28,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from core import workdir as workdir_lib
+from models import features
 from pipeline import coders
 from pipeline import io
 from pipeline import parse
@@ -203,7 +204,8 @@ class AttachHistories(beam.PTransform):
   `max_history` items).
   """
 
-  def __init__(self, max_history: int = 50, keep_from_ts: Optional[int] = None):
+  def __init__(self, max_history: int = features.MAX_HISTORY,
+               keep_from_ts: Optional[int] = None):
     super().__init__()
     self._max_history = max_history
     self._keep_from_ts = keep_from_ts
