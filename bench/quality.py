@@ -49,7 +49,7 @@ _OVERRIDES = flags.DEFINE_string("quality_config", "{}",
                                  "JSON ModelConfig fields shared by every run.")
 
 MODES = ("all", "seen_excluded")
-METHODS = ("exact", "scann", "popularity")
+METHODS = ("exact", "scann", "popularity", "covisitation")
 KS = ("10", "50", "100")
 
 
@@ -108,7 +108,8 @@ def main(argv: Sequence[str]) -> None:
   for correction, res in results.items():
     lines.append(row(f"{correction} (exact export)", res, "exact"))
     lines.append(row(f"{correction} (ScaNN export)", res, "scann"))
-  lines.append(row("popularity", next(iter(results.values())), "popularity"))
+  for baseline in ("popularity", "covisitation"):
+    lines.append(row(baseline, next(iter(results.values())), baseline))
   text = "\n".join(lines)
   print(text)
   workdir_lib.write_json(os.path.join(out, "quality.json"), {

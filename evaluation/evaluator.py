@@ -15,9 +15,14 @@ whose target is its item_id. Through each export's `retrieve` signature:
   * both by popularity decile of the target: popularity = interactions in the
     training data, the examples of every data day before D; deciles cut the
     corpus into ten equal groups (evaluation/baselines.py);
-  * the same for a popularity baseline (most interacted-with corpus items first)
-    on the same events, and for the ScaNN and the exact export, whose difference
-    is what the ANN loses.
+  * the same for two baselines on the same events: popularity (most
+    interacted-with corpus items first) and co-visitation (the corpus items most
+    often consumed right before or after the event's latest history item,
+    history_item_ids[0], over every data day before D; ties, and the rest of the
+    corpus, by popularity over the RECENT_DAYS days before D; evaluation/records.py
+    and evaluation/baselines.py);
+  * the same for the ScaNN and the exact export, whose difference is what the
+    ANN loses.
 
 Targets outside the export's corpus count as misses (fresh items the export does
 not know). `evaluate_day` is `compute_metrics` then `write_metrics`
@@ -61,7 +66,8 @@ class EvaluationState:
   Attributes:
     exports: the exports loaded last; give it an ExportState's `published` to
       score the export made the day before without loading it again.
-    interactions: the running total of the training interactions.
+    interactions: the running total of the training interactions (item counts,
+      seen items, co-visitation counts, the recent days' counts).
   """
   exports: exporter.LoadedExports = dataclasses.field(
       default_factory=exporter.LoadedExports)
@@ -112,18 +118,36 @@ def _decile_table(ranks: np.ndarray, deciles: np.ndarray, ks: Sequence[int]
   return table
 
 
+def _query_items(events: dict[str, np.ndarray]) -> np.ndarray:
+  """Each event's latest history item (history_item_ids[0]), b"" when it has none."""
+  history = events["history_item_ids"]
+  if history.ndim < 2 or history.shape[1] == 0:
+    return np.full(len(events["item_id"]), b"", object)
+  return history[:, 0]
+
+
 def _score(loaded: Mapping[str, tf.Module], events: dict[str, np.ndarray],
            seen: list[frozenset[bytes]], novel_rows: np.ndarray, corpus: np.ndarray,
-           corpus_counts: np.ndarray, k: int) -> Ranks:
-  """Target ranks of every export and of the popularity baseline, in both modes."""
+           corpus_counts: np.ndarray, training: records.TrainingInteractions,
+           k: int) -> Ranks:
+  """Target ranks of every export and of the baselines, in both modes."""
   targets = events["item_id"]
   ranks: Ranks = {"all": {}, "seen_excluded": {}}
   for name, model in loaded.items():
     ranks["all"][name] = retrieve_ranks(model, events, np.arange(len(targets)), k)
     ranks["seen_excluded"][name] = retrieve_ranks(model, events, novel_rows, k, seen)
-  ranks["all"]["popularity"] = baselines.popularity_ranks(corpus, corpus_counts, targets)
-  ranks["seen_excluded"]["popularity"] = baselines.popularity_ranks(
-      corpus, corpus_counts, targets[novel_rows], [seen[i] for i in novel_rows])
+  queries = _query_items(events)
+  recent_counts = np.array([training.recent.get(i, 0) for i in corpus.tolist()], np.int64)
+  baseline_ranks = {  # (event rows, their seen sets or None) -> ranks
+      "popularity": lambda rows, excluded: baselines.popularity_ranks(
+          corpus, corpus_counts, targets[rows], excluded),
+      "covisitation": lambda rows, excluded: baselines.covisitation_ranks(
+          corpus, recent_counts, training.covisits, queries[rows], targets[rows],
+          excluded),
+  }
+  for method, rank in baseline_ranks.items():
+    ranks["all"][method] = rank(np.arange(len(targets)), None)
+    ranks["seen_excluded"][method] = rank(novel_rows, [seen[i] for i in novel_rows])
   return ranks
 
 
@@ -196,7 +220,7 @@ def compute_metrics(workdir: str, day: datetime.date, exports: Mapping[str, str]
   targets = events["item_id"]
   novel_rows = np.flatnonzero([t not in s for t, s in zip(targets.tolist(), seen)])
   corpus_counts = np.array([training.counts.get(i, 0) for i in corpus.tolist()], np.int64)
-  ranks = _score(loaded, events, seen, novel_rows, corpus, corpus_counts, k)
+  ranks = _score(loaded, events, seen, novel_rows, corpus, corpus_counts, training, k)
   in_corpus = set(corpus.tolist())
   metrics = {
       "day": day.isoformat(),
@@ -211,6 +235,7 @@ def compute_metrics(workdir: str, day: datetime.date, exports: Mapping[str, str]
       "target_in_corpus": float(np.mean([t in in_corpus for t in targets.tolist()])),
       "training_days": training.day_names,
       "num_training_events": int(sum(training.counts.values())),
+      "recent_days": training.recent_day_names,
       **_recall_figures(ranks, ks, k),
       "by_popularity_decile": _by_decile(ranks, corpus, corpus_counts, targets,
                                          novel_rows, ks),

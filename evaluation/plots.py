@@ -13,9 +13,11 @@ import numpy as np
 
 from core import workdir as workdir_lib
 
-_COLORS = {"scann": "tab:blue", "exact": "tab:orange", "popularity": "tab:gray"}
+# One colour per system, in every figure (the daily summary's too).
+COLORS = {"scann": "tab:blue", "exact": "tab:orange", "popularity": "tab:gray",
+          "covisitation": "tab:green"}
 # Exact is drawn first and wider, so a ScaNN curve on top of it stays visible.
-_WIDTHS = {"exact": 3.0, "popularity": 1.5, "scann": 1.2}
+WIDTHS = {"exact": 3.0, "popularity": 1.5, "covisitation": 1.5, "scann": 1.2}
 _MODES = {"all": ("all items", "-"), "seen_excluded": ("seen items excluded", "--")}
 
 
@@ -30,11 +32,11 @@ def plot_recall(metrics: Mapping[str, Any], path: str) -> str:
   fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
   curves = metrics["recall_curve"]
   for mode, (label, style) in _MODES.items():
-    for method in sorted(curves[mode], key=list(_WIDTHS).index):
+    for method in sorted(curves[mode], key=list(WIDTHS).index):
       values = curves[mode][method]
       if values:
-        axes[0].plot(np.arange(1, len(values) + 1), values, style, color=_COLORS[method],
-                     linewidth=_WIDTHS[method], label=f"{method}, {label}")
+        axes[0].plot(np.arange(1, len(values) + 1), values, style, color=COLORS[method],
+                     linewidth=WIDTHS[method], label=f"{method}, {label}")
   axes[0].set(xscale="log", xlabel="K", ylabel="recall@K",
               title=f"Recall@K on {metrics['day']} ({metrics['num_events']} events)")
   axes[0].grid(True, which="both", alpha=0.3)
@@ -49,7 +51,7 @@ def plot_recall(metrics: Mapping[str, Any], path: str) -> str:
     for j, method in enumerate(methods):
       values = [np.nan if v is None else v for v in deciles[mode][method][k]]
       ax.bar(positions + (j - (len(methods) - 1) / 2) * width, values, width,
-             color=_COLORS[method], label=method)
+             color=COLORS[method], label=method)
     counts_key = "num_events" if mode == "all" else "num_events_seen_excluded"
     ax.set_xticks(positions, [f"{d['decile']}\n{d[counts_key]}" for d in deciles["deciles"]])
     ax.set(xlabel="popularity decile of the target (9 = most popular) / events",
@@ -58,6 +60,11 @@ def plot_recall(metrics: Mapping[str, Any], path: str) -> str:
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
+  return write_png(fig, path)
+
+
+def write_png(fig: matplotlib.figure.Figure, path: str) -> str:
+  """Renders `fig` as a PNG written atomically to `path`, then closes it."""
   image = io.BytesIO()
   fig.savefig(image, format="png", dpi=110)
   plt.close(fig)

@@ -202,6 +202,8 @@ class DailyJob:
     exact = metrics["exports"].get("exact") or metrics["exports"]["scann"]
     return {"export": found[1], "export_version": exact["version"],
             "exported_from_day": exact["exported_from_day"],
+            "scored_events": {"all": metrics["num_events"],
+                              "seen_excluded": metrics["num_events_seen_excluded"]},
             "metrics": os.path.join(self.workdir.eval_dir(day), workdir_lib.METRICS),
             "recall": report.headline(metrics)}
 

@@ -65,7 +65,8 @@ def main(argv: Sequence[str]) -> None:
   print(report.table(days))
   print()
   print(f"recall is test-then-train: day D scores the export made after day D-1 "
-        f"(ScaNN, exact, popularity baseline); done in {time.perf_counter() - start:.0f} s")
+        f"(ScaNN, exact; popularity and co-visitation baselines); done in "
+        f"{time.perf_counter() - start:.0f} s")
   for what, path in (("exports", workdir.exports_root),
                      ("per-day metrics and plots", workdir.join("eval", "*", "")),
                      ("summary", workdir.join("eval", workdir_lib.SUMMARY)),

@@ -2,30 +2,42 @@
 
 Each day contributes one row built from its manifest records: the events the Beam
 job kept, the trainer's mean loss, and the test-then-train recall of the export
-made before the day (ScaNN, exact, and the popularity baseline).
+made before the day (ScaNN, exact, and the popularity and co-visitation baselines).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import io
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.dates as mdates  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from core import workdir as workdir_lib  # noqa: E402
+from evaluation import plots  # noqa: E402
 
-METHODS = ("exact", "scann", "popularity")
+METHODS = ("exact", "scann", "popularity", "covisitation")
 KS = ("10", "50", "100")
+# The summary plot's main lines: the event-weighted mean of this many days.
+ROLLING_DAYS = 7
+_K_STYLES = {"10": "-", "50": "--", "100": ":"}
+_MODES = {"all": "all events", "seen_excluded": "seen items excluded"}
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
   """The recall figures of an evaluation: {mode: {method: {k: recall}}}."""
   return metrics["recall"]
+
+
+def _weight(row: dict[str, Any], mode: str) -> float:
+  """The events `row`'s day scored in `mode`: the weight of its recall."""
+  return (row.get("scored_events") or {}).get(mode, row.get("examples") or 0)
 
 
 def _row(day: str, steps: dict[str, Any]) -> dict[str, Any]:
@@ -38,6 +50,7 @@ def _row(day: str, steps: dict[str, Any]) -> dict[str, Any]:
       "mean_loss": train.get("mean_loss"),
       "global_step": train.get("global_step"),
       "recall": evaluate.get("recall"),
+      "scored_events": evaluate.get("scored_events"),
       "export": steps.get("export", {}).get("version"),
   }
 
@@ -59,37 +72,99 @@ def _recall(row: dict[str, Any], mode: str, method: str, k: str) -> Optional[flo
   return None if value is None else float(value)
 
 
+def rolling_mean(days: Sequence[dt.date], values: Sequence[Optional[float]],
+                 weights: Sequence[float], window: int = ROLLING_DAYS) -> np.ndarray:
+  """At each day, the weighted mean of `values` over the `window` calendar days
+  ending there (days D-window+1..D).
+
+  A day with one event then moves the line by 1/total of the window's events, not
+  to 0 or 1. Days whose value is None or whose weight is 0 do not count; NaN
+  where no day of the window counts.
+  """
+  if not days:
+    return np.zeros(0)
+  values = np.array([np.nan if v is None else v for v in values], float)
+  weights = np.where(np.isnan(values), 0.0, np.asarray(weights, float))
+  position = np.array([d.toordinal() for d in days])
+  position -= position.min()
+  # Cumulative sums over the calendar, so each day's window is one subtraction.
+  sums = np.zeros((2, position.max() + 2))
+  np.add.at(sums, (0, position + 1), weights)
+  np.add.at(sums, (1, position + 1), weights * np.nan_to_num(values))
+  sums = np.cumsum(sums, axis=1)
+  first = np.maximum(position + 1 - window, 0)
+  weight, total = sums[:, position + 1] - sums[:, first]
+  return np.divide(total, weight, out=np.full(len(days), np.nan), where=weight > 0)
+
+
 def _plot(rows: list[dict[str, Any]], path: str) -> None:
-  scored = [r for r in rows if r.get("recall")]
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-  for ax, mode, title in zip(axes, ("all", "seen_excluded"),
-                             ("all events", "seen items excluded")):
-    for method, style in zip(METHODS, ("-", "--", ":")):
-      for k, color in zip(KS, ("tab:blue", "tab:orange", "tab:green")):
-        ys = [_recall(r, mode, method, k) for r in scored]
-        if any(y is not None for y in ys):
-          ax.plot([dt.date.fromisoformat(r["day"]) for r in scored],
-                  [float("nan") if y is None else y for y in ys],
-                  style, color=color, marker="o", ms=3, label=f"{method} R@{k}")
-    ax.set_title(f"Next-day recall (test-then-train), {title}")
-    ax.set_xlabel("day")
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
-    ax.xaxis.set_major_locator(mdates.AutoDateLocator(maxticks=10))
-    ax.tick_params(axis="x", rotation=45)
+  """Draws the recall of every scored day into a PNG at `path` (written atomically).
+
+  One column per mode (all events, seen items excluded). Top: per system (colour)
+  and K (line style) the `rolling_mean` of recall@K weighted by the events scored
+  each day in that mode (days recorded before the counts were kept: the day's
+  examples), with each day's own figure faint behind
+  it; the y range fits the means, so faint single-event days at 1.0 may fall off
+  the top. Bottom: the events of each day (light: not scored, e.g. no export
+  yet). One legend for every panel.
+  """
+  days = [dt.date.fromisoformat(r["day"]) for r in rows]
+  events = [r.get("examples") or 0 for r in rows]
+  scored = [i for i, r in enumerate(rows) if r.get("recall")]
+  x = [days[i] for i in scored]
+  fig, axes = plt.subplots(2, len(_MODES), figsize=(13, 6.5), sharex=True, sharey="row",
+                           gridspec_kw={"height_ratios": [3, 1]}, squeeze=False)
+  top = 0.0
+  for column, (mode, title) in enumerate(_MODES.items()):
+    ax = axes[0, column]
+    for method in sorted(METHODS, key=list(plots.WIDTHS).index):
+      for k in KS:
+        values = [_recall(rows[i], mode, method, k) for i in scored]
+        if all(v is None for v in values):
+          continue
+        mean = rolling_mean(x, values, [_weight(rows[i], mode) for i in scored])
+        top = max(top, np.nanmax(mean, initial=0.0))
+        ax.plot(x, [np.nan if v is None else v for v in values], linestyle="none",
+                marker="o", ms=2, alpha=0.25, color=plots.COLORS[method])
+        ax.plot(x, mean, _K_STYLES[k], color=plots.COLORS[method],
+                linewidth=plots.WIDTHS[method])
+    ax.set_title(f"Next-day recall@K, {title}")
     ax.grid(alpha=0.3)
-  axes[0].set_ylabel("recall@K over the full corpus")
-  axes[1].legend(fontsize=7, ncol=3, loc="upper left")
-  fig.tight_layout()
-  image = io.BytesIO()
-  fig.savefig(image, format="png", dpi=110)
-  plt.close(fig)
-  workdir_lib.atomic_write(path, image.getvalue())
+    if not scored:
+      ax.text(0.5, 0.5, "no day evaluated yet", ha="center", transform=ax.transAxes)
+    bottom = axes[1, column]
+    bottom.bar(days, events, width=0.8, color=["tab:gray" if r.get("recall")
+                                              else "lightgray" for r in rows])
+    bottom.set_xlabel("day")
+    bottom.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
+    bottom.xaxis.set_major_locator(mdates.AutoDateLocator(
+        minticks=2, maxticks=8, interval_multiples=False))
+    bottom.tick_params(axis="x", rotation=45)
+    bottom.grid(alpha=0.3, axis="y")
+  if days:  # whole days either side, so that one day is not spread over hours
+    axes[0, 0].set_xlim(days[0] - dt.timedelta(days=1), days[-1] + dt.timedelta(days=1))
+  axes[0, 0].set_ylim(0, min(1.0, 1.2 * top) or 1.0)
+  axes[0, 0].set_ylabel(f"recall@K, {ROLLING_DAYS}-day mean\nweighted by events")
+  axes[1, 0].set_ylabel("events")
+  handles = ([Line2D([], [], color=plots.COLORS[m], linewidth=2.5, label=m)
+              for m in METHODS]
+             + [Line2D([], [], color="black", linestyle=_K_STYLES[k], label=f"R@{k}")
+                for k in KS]
+             + [Line2D([], [], color="black", marker="o", ms=3, alpha=0.3,
+                       linestyle="none", label="one day"),
+                Patch(color="tab:gray", label="events scored"),
+                Patch(color="lightgray", label="events not scored")])
+  fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+             frameon=False)
+  fig.tight_layout(rect=(0, 0.05, 1, 1))
+  plots.write_png(fig, path)
 
 
 def table(days: dict[str, dict[str, Any]]) -> str:
   """A per-day text table of the headline figures."""
+  width = len(KS) * 6 - 1  # one group of K figures per method: "0.123 0.456 0.789"
   header = (f"{'day':<11} {'examples':>8} {'loss':>7}  "
-            + "  ".join(f"{m[:5]}@{k:<3}" for m in METHODS for k in KS))
+            + "  ".join(f"{m[:5] + '@' + '/'.join(KS):<{width}}" for m in METHODS))
   lines = [header, "-" * len(header)]
   skipped: list[str] = []  # the current run of consecutive skipped days
   for day, steps in sorted(days.items()):
@@ -105,12 +180,11 @@ def table(days: dict[str, dict[str, Any]]) -> str:
       skipped = []
     row = _row(day, steps)
     loss = "" if row["mean_loss"] is None else f"{row['mean_loss']:.3f}"
-    cells = []
+    groups = []
     for m in METHODS:
-      for k in KS:
-        v = _recall(row, "all", m, k)
-        cells.append(f"{'-' if v is None else f'{v:.3f}':>9}")
-    lines.append(f"{day:<11} {row['examples'] or 0:>8} {loss:>7}  " + "  ".join(cells))
+      figures = [_recall(row, "all", m, k) for k in KS]
+      groups.append(" ".join(f"{'-' if v is None else f'{v:.3f}':>5}" for v in figures))
+    lines.append(f"{day:<11} {row['examples'] or 0:>8} {loss:>7}  " + "  ".join(groups))
   if skipped:
     lines.append(_skipped_line(skipped, days))
   return "\n".join(lines)

@@ -294,3 +294,81 @@ def test_the_evaluation_scores_the_exports_the_daily_state_holds(hand_world, tmp
                                  exported["exact_dir"], state=state)
   assert again["recall"] == metrics["recall"]
   assert state.interactions.day_names == [P1.isoformat(), P2.isoformat()]
+
+
+def _days_before(n):
+  return D - datetime.timedelta(days=n)
+
+
+def _write_covisitation_world(workdir):
+  """Data days around D whose co-visitation ranks are derived by hand below."""
+  training = {  # day: [(user, item)] in time order
+      _days_before(10): [("u1", "i001"), ("u1", "i002")] + [
+          (f"u1{n}", "i100") for n in range(5)],  # i100: popular, but 10 days ago
+      _days_before(3): [("u2", "i001"), ("u2", "i002"), ("u2", "i003"), ("u3", "i002"),
+                        ("u3", "i003"), ("u5", "i050"), ("u6", "i050"), ("u7", "i060")],
+      _days_before(2): [(f"v{n}", "i001") for n in range(3)],
+      _days_before(1): [("u1", "i003")],  # u1's i002 (10 days ago) -> i003 counts
+      D + datetime.timedelta(days=1): [("w", "i004"), ("w", "i005")] * 3,  # after D
+  }
+  for day, rows in training.items():
+    tl.write_records(os.path.join(tl.day_dir(workdir, day), "examples-00.tfrecord.gz"), [
+        tl.event_row(f"{day}-{n}", user, item, timestamp=1_709_000_000 + n)
+        for n, (user, item) in enumerate(rows)])
+  events = [  # (user, history, target)
+      ("u9", ["i002"], "i001"),
+      ("u9", ["i001", "i002"], "i050"),
+      ("u8", [], "i004"),
+      ("u8", ["i004"], "i005"),  # i004 -> i005 is a pair of day D only
+      ("u1", ["i003"], "i002"),
+      ("u2", ["i003"], "i100"),
+  ]
+  tl.write_records(os.path.join(tl.day_dir(workdir, D), "examples-00.tfrecord.gz"), [
+      tl.event_row(f"d{n}", user, target, history=history, timestamp=1_709_600_000 + n)
+      for n, (user, history, target) in enumerate(events)])
+
+
+def _hit_ranks(curve, num_events):
+  """The sorted ranks of the hits a recall curve counts."""
+  hits = np.round(np.diff(np.concatenate([[0.0], curve])) * num_events).astype(int)
+  return [rank for rank, n in enumerate(hits) for _ in range(n)]
+
+
+def test_covisitation_baseline_matches_hand_computation(hand_world, tmp_path):
+  _, exported, _ = hand_world
+  workdir = str(tmp_path)
+  _write_covisitation_world(workdir)
+  # Co-visits before D (consecutive items of a user, both ways, across days; not
+  # day D's i004-i005, nor the day after): i002: {i003: 3, i001: 2}, i001: {i002: 2},
+  # i003: {i002: 3}. Last 7 days (D-3, D-2, D-1): i001 4, i003 3, i002 2, i050 2,
+  # i060 1: fallback list i001 i003 i002 i050 i060 i000 i004 i005 ... (ties by id).
+  # Event: query (history[0]) | its list | rank | seen | rank, seen excluded
+  #  1 u9 i002->i001: i003 i001 | i002 ... | 1 | i002 (below) | 1
+  #  2 u9 i001->i050: i002 | i001 i003 i050 | 3 | i001 i002 (above) | 1
+  #  3 u8 none ->i004: the fallback alone | 6 | nothing | 6
+  #  4 u8 i004->i005: never co-visited before D: the fallback | 7 | i004 | 6
+  #  5 u1 i003->i002: i002 | 0 | i002 (day D-10): re-consumption, left out
+  #  6 u2 i003->i100: i002 | i001 i003 i050 i060 i000 i004..i099 | 1 + 99 = 100 (a
+  #    miss at 100, where popularity over all days has it 2nd) | i001 i002 i003 | 97
+  want = {"all": [0, 1, 3, 6, 7], "seen_excluded": [1, 1, 6, 6, 97]}
+  state = evaluator.EvaluationState()
+  evaluator.evaluate_day(workdir, _days_before(1), exported["scann_dir"],
+                         exported["exact_dir"], state=state)
+  metrics = evaluator.evaluate_day(workdir, D, exported["scann_dir"],
+                                   exported["exact_dir"], state=state)
+  assert metrics["recent_days"] == [_days_before(n).isoformat() for n in (3, 2, 1)]
+  assert metrics["num_events_seen_excluded"] == 5
+  for mode, ranks in want.items():
+    num = metrics["num_events" if mode == "all" else "num_events_seen_excluded"]
+    assert _hit_ranks(metrics["recall_curve"][mode]["covisitation"], num) == ranks
+    found = metrics["recall"][mode]["covisitation"]
+    assert [found[k] for k in ("10", "50", "100")] == [
+        sum(r < k for r in ranks) / num for k in (10, 50, 100)]
+    assert set(metrics["by_popularity_decile"][mode]["covisitation"]) == {"10", "50", "100"}
+  assert metrics["recall"]["all"]["popularity"]["10"] > 0  # i100 is 2nd there
+  # The state carried from D-1 gives what a fresh evaluation of D gives.
+  fresh = evaluator.evaluate_day(workdir, D, exported["scann_dir"], exported["exact_dir"])
+  for key in ("recall", "recall_curve", "by_popularity_decile", "recent_days"):
+    assert fresh[key] == metrics[key], key
+  with open(os.path.join(workdir, "eval", D.isoformat(), "metrics.json")) as f:
+    assert json.load(f)["recall"]["seen_excluded"]["covisitation"] == found
