@@ -21,7 +21,6 @@ a JSON of every number go to --out_dir.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import time
 from typing import Callable, Sequence
@@ -39,6 +38,7 @@ import tensorflow as tf
 from core import workdir
 import estimators
 from estimators import simulation
+from evaluation import plots
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 20000, "Steps of the Fig. 4 stream; switch at half.")
@@ -222,10 +222,7 @@ def _plot(path: str, fig4: tuple[Sequence[Variant], np.ndarray],
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
   figure.tight_layout()
-  png = io.BytesIO()
-  figure.savefig(png, format="png", dpi=120)
-  plt.close(figure)
-  workdir.atomic_write(path, png.getvalue())
+  plots.write_png(figure, path, dpi=120)
 
 
 def main(argv: Sequence[str]) -> None:

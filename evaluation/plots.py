@@ -63,9 +63,9 @@ def plot_recall(metrics: Mapping[str, Any], path: str) -> str:
   return write_png(fig, path)
 
 
-def write_png(fig: matplotlib.figure.Figure, path: str) -> str:
+def write_png(fig: matplotlib.figure.Figure, path: str, dpi: int = 110) -> str:
   """Renders `fig` as a PNG written atomically to `path`, then closes it."""
   image = io.BytesIO()
-  fig.savefig(image, format="png", dpi=110)
+  fig.savefig(image, format="png", dpi=dpi)
   plt.close(fig)
   return workdir_lib.atomic_write(path, image.getvalue())
