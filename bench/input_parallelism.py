@@ -1,6 +1,6 @@
 r"""Trainer days with one parse at a time vs AUTOTUNE-parallel parses (issue 4).
 
-`models.data.training_batches` parses one batch at a time behind the prefetch
+`models.data.stream_batches` parses one batch at a time behind the prefetch
 (`parallel_parses=None`), each parse being multi-threaded already. This A/B
 measures that choice: the same synthetic day (default config, batch 1024,
 history 50) is trained end to end by one Trainer, alternating the two settings
@@ -43,7 +43,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   examples = flags.FLAGS.examples
   first = tt.FIRST_DAY
-  original = data.training_batches
+  original = data.stream_batches
   best = {name: float("inf") for name in SETTINGS}
   with tempfile.TemporaryDirectory() as root:
     source = os.path.join(root, "source")
@@ -54,13 +54,13 @@ def main(argv: Sequence[str]) -> None:
       for name, parses in SETTINGS.items():
         shutil.copytree(Workdir(source).data_dir(first),
                         Workdir(trainer.workdir).data_dir(day))
-        data.training_batches = functools.partial(original, parallel_parses=parses)
+        data.stream_batches = functools.partial(original, parallel_parses=parses)
         start = time.perf_counter()
         trainer.train_day(day)
         if round_:  # round 0 traces
           best[name] = min(best[name], time.perf_counter() - start)
         day += datetime.timedelta(days=1)
-  data.training_batches = original
+  data.stream_batches = original
   figures = {f"{name}_examples_per_s": examples / seconds for name, seconds in best.items()}
   figures["one_at_a_time_speedup"] = best["autotune_parallel"] / best["one_at_a_time"]
   for name, value in figures.items():

@@ -151,16 +151,25 @@ class FrequencyEstimator(tf.keras.layers.Layer, metaclass=abc.ABCMeta):
                           self.last_step - self._origin())
     return {"last_step": self.last_step, "steps_seen": steps_seen}
 
-  def get_config(self) -> dict[str, Any]:
-    """The Layer's config plus the `__init__` arguments of every estimator class."""
-    config = super().get_config()
-    for cls in reversed(type(self).__mro__):
-      if issubclass(cls, FrequencyEstimator) and "__init__" in vars(cls):
-        for name, parameter in inspect.signature(cls.__init__).parameters.items():
+  @classmethod
+  def arguments(cls) -> tuple[str, ...]:
+    """The named `__init__` arguments of this class and its estimator bases.
+
+    These are what the estimator takes beyond the Layer's own (name, dtype, ...).
+    """
+    names: dict[str, None] = {}
+    for klass in reversed(cls.__mro__):
+      if issubclass(klass, FrequencyEstimator) and "__init__" in vars(klass):
+        for name, parameter in inspect.signature(klass.__init__).parameters.items():
           if name != "self" and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD,
                                                    parameter.KEYWORD_ONLY):
-            config[name] = getattr(self, name)
-    return config
+            names[name] = None
+    return tuple(names)
+
+  def get_config(self) -> dict[str, Any]:
+    """The Layer's config plus the `__init__` arguments of every estimator class."""
+    return {**super().get_config(),
+            **{name: getattr(self, name) for name in self.arguments()}}
 
 
 @dataclasses.dataclass(frozen=True)

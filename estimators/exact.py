@@ -43,7 +43,8 @@ class ExactFrequencyEstimator(base.FrequencyEstimator):
     Args:
       method: "gap" (Algorithm 2 per id) or "count" (sightings / steps).
       alpha, initial_gap, init, staleness: as in StreamingFrequencyEstimator
-        (used by "gap" only).
+        (used by "gap" only; "count" refuses an init other than "paper" and a
+        staleness, which it could not honour).
       count_multiplicity: count every occurrence of an id in a batch.
       **kwargs: min_probability, max_probability, and Layer arguments.
     """
@@ -53,6 +54,11 @@ class ExactFrequencyEstimator(base.FrequencyEstimator):
     self.method = method
     self.alpha, self.initial_gap, self.init, self.staleness = (
         streaming.check_gap_options(alpha, initial_gap, init, staleness))
+    if method == "count" and (self.init != "paper" or self.staleness > 0):
+      # alpha and initial_gap have defaults that callers pass on; these two are
+      # only ever asked for, and would be ignored.
+      raise ValueError(f"init={init!r} and staleness={staleness} apply to method "
+                       "'gap' only; method 'count' has neither")
     self.last_seen_table = tf.lookup.experimental.MutableHashTable(
         tf.string, tf.int64, default_value=-1, name="last_seen")
     if method == "gap":

@@ -14,10 +14,17 @@ from typing import Any, Mapping, Optional
 
 import tensorflow as tf
 
+import estimators
 from core import workdir as workdir_lib
 from models.features import MAX_HISTORY
 
-CORRECTIONS = ("streaming", "exact", "none")
+# Every estimator of estimators.ESTIMATORS, or no correction.
+CORRECTIONS = (*estimators.ESTIMATORS, "none")
+QUERY_ENCODERS = ("mean", "attention")
+# Estimator arguments that have config fields of their own, passed to the
+# estimators that take them (models.retrieval.make_frequency_estimator).
+ESTIMATOR_FIELDS = {"num_buckets": "estimator_buckets", "num_hashes": "estimator_hashes",
+                    "alpha": "estimator_alpha"}
 OPTIMIZERS = ("adagrad", "adam", "sgd")
 
 # Fields that may differ between days of the same workdir.
@@ -38,21 +45,42 @@ class ModelConfig:
     item_buckets, user_buckets, channel_buckets, topic_buckets, category_buckets:
       hash bucket counts; one extra row per table is the all-zero "absent" value.
     query_hidden, candidate_hidden: hidden ReLU layer widths of each tower's MLP.
+    query_encoder: how the query tower reads the history: "mean" (of the items'
+      embeddings) or "attention" (pooled by attention from the seed item, see
+      models/towers.py).
+    attention_heads: heads of the "attention" encoder, each id_embedding_dim wide.
+    history_positions: "attention" adds a learned embedding of each history slot
+      (recency: slot 0 is the most recent item).
+    seed_residual: add a linear projection of the seed item's id embedding to the
+      query MLP's output before normalisation (either encoder).
     temperature: softmax temperature; scores are <u, v> / temperature.
     max_history: history items kept per example (most recent first); the Beam job
       keeps as many per user (default models.features.MAX_HISTORY).
     batch_size: examples per step; the in-batch softmax's candidate count.
+    replay_days: training day D streams the last `replay_days` data days up to
+      and including D (days with data in W/data; D itself always last), in time
+      order, so that small days give the model more than a handful of steps.
+      Day D is still scored before it is trained on (test-then-train).
+    epochs_per_day: passes over that window when training day D.
     optimizer, learning_rate: the optimizer ("adagrad", "adam" or "sgd").
-    correction: logQ correction "streaming" (the paper's estimator), "exact" (the
-      oracle frequency count) or "none".
-    estimator_buckets, estimator_hashes, estimator_alpha: the streaming
-      estimator's hash array size H, hash function count m and EMA rate a. The
-      default a = 0.1 (the paper simulates 0.01 to 0.1) suits days of tens to
-      hundreds of steps: at 0.01 the estimate is still near its initial value
-      after a week of such days, and the correction does little.
+    correction: logQ correction: an estimator of estimators.ESTIMATORS
+      ("streaming", the paper's; "exact", the oracle frequency count;
+      "count_min"; "decayed_count") or "none".
+    estimator_buckets, estimator_hashes, estimator_alpha: the hash array size H
+      and hash function count m of the hashed estimators, and the EMA rate a of
+      the gap estimators ("streaming", "exact" with method "gap"); each is
+      passed only to the estimators that take it. The default a = 0.1 (the
+      paper simulates 0.01 to 0.1) suits days of tens to hundreds of steps: at
+      0.01 the estimate is still near its initial value after a week of such
+      days, and the correction does little.
     estimator_options: further keyword arguments of the estimator of
       `correction` (estimators.make_estimator), e.g. {"init": "prior"} or, for
-      "exact", {"method": "gap"}.
+      "exact", {"method": "gap"}; an argument that estimator does not take is
+      an error.
+    uniform_negatives: N > 0 adds N items drawn uniformly (with replacement)
+      from the day's corpus to each training step's in-batch candidates (mixed
+      negative sampling); their logQ is log(N / corpus size). See
+      models/negatives.py.
     checkpoint_every_steps: steps between checkpoints (one more at end of day).
     log_every_steps: steps between TensorBoard summaries and progress logs.
     shuffle_buffer: 0 keeps exact time order; n > 1 shuffles within consecutive,
@@ -71,9 +99,15 @@ class ModelConfig:
   category_buckets: int = 100
   query_hidden: tuple[int, ...] = (128,)
   candidate_hidden: tuple[int, ...] = (128,)
+  query_encoder: str = "mean"
+  attention_heads: int = 1
+  history_positions: bool = True
+  seed_residual: bool = False
   temperature: float = 0.05
   max_history: int = MAX_HISTORY
   batch_size: int = 1024
+  replay_days: int = 1
+  epochs_per_day: int = 1
   optimizer: str = "adagrad"
   learning_rate: float = 0.1
   correction: str = "streaming"
@@ -81,6 +115,7 @@ class ModelConfig:
   estimator_hashes: int = 4
   estimator_alpha: float = 0.1
   estimator_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+  uniform_negatives: int = 0
   checkpoint_every_steps: int = 500
   log_every_steps: int = 100
   shuffle_buffer: int = 0
@@ -95,19 +130,30 @@ class ModelConfig:
     object.__setattr__(self, "estimator_options", dict(self.estimator_options))
     if self.correction not in CORRECTIONS:
       raise ValueError(f"correction must be one of {CORRECTIONS}, got {self.correction!r}")
+    if self.query_encoder not in QUERY_ENCODERS:
+      raise ValueError(f"query_encoder must be one of {QUERY_ENCODERS}, got "
+                       f"{self.query_encoder!r}")
+    doubled = sorted(set(self.estimator_options) & set(ESTIMATOR_FIELDS))
+    if doubled:
+      raise ValueError(f"estimator_options {doubled}: set "
+                       f"{[ESTIMATOR_FIELDS[name] for name in doubled]} instead")
+    if self.correction != "none":
+      estimators.check_options(self.correction, self.estimator_options)
     if self.optimizer not in OPTIMIZERS:
       raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
     if not self.temperature > 0:
       raise ValueError(f"temperature must be > 0, got {self.temperature}")
     for name in ("embedding_dim", "id_embedding_dim", "feature_embedding_dim",
                  "item_buckets", "user_buckets", "channel_buckets", "topic_buckets",
-                 "category_buckets", "max_history", "batch_size", "estimator_buckets",
+                 "category_buckets", "max_history", "batch_size", "replay_days",
+                 "epochs_per_day", "attention_heads", "estimator_buckets",
                  "estimator_hashes", "checkpoint_every_steps", "log_every_steps",
                  "max_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    if self.shuffle_buffer < 0:
-      raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+    for name in ("shuffle_buffer", "uniform_negatives"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
   def replace(self, **changes: Any) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

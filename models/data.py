@@ -1,17 +1,25 @@
-"""tf.data input for training: one day's examples, in time order, from a position.
+"""tf.data input for training: a day's stream of examples, in time order, from a position.
 
 The Beam job writes W/data/D/examples-*.tfrecord.gz so that file-name order then
-record order is time order. `training_batches` reads them in that order and is a
-pure function of the files and its arguments, so "skip the first n examples"
-resumes a day exactly where a checkpoint left it, with or without the optional
-window shuffle.
+record order is time order. Training day D reads a stream: the examples of the
+last `replay_days` data days up to and including D (`replay_window`, D last),
+in time order, repeated `epochs` times (ModelConfig.replay_days, epochs_per_day).
+`stream_batches` is a pure function of those files and its arguments, so "skip
+the first n examples of the stream" resumes it exactly where a checkpoint left
+it, mid-epoch or mid-day, with or without the optional window shuffle.
+
+One epoch streams the files (bounded memory). More epochs parse the window once
+(`parse_window`) and then gather the stream's batches from those tensors, so no
+record is read or parsed again: the window is held in memory, parsed.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
-from typing import Optional, Sequence
+import re
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
@@ -21,8 +29,8 @@ from models import features
 EXAMPLES_PATTERN = "examples-*.tfrecord.gz"
 
 
-def example_files(workdir: str, day: datetime.date) -> list[str]:
-  """Day D's example files in name (= time) order.
+def _data_dir(workdir: str, day: datetime.date) -> str:
+  """W/data/D, which must exist.
 
   Raises:
     FileNotFoundError: W/data/D does not exist (the day was not converted yet).
@@ -31,7 +39,72 @@ def example_files(workdir: str, day: datetime.date) -> list[str]:
   if not tf.io.gfile.isdir(directory):
     raise FileNotFoundError(f"{directory}: no data for {day.isoformat()}; run "
                             "pipeline.logs_to_tfrecords for that day first")
-  return sorted(tf.io.gfile.glob(os.path.join(directory, EXAMPLES_PATTERN)))
+  return directory
+
+
+def example_files(workdir: str, day: datetime.date) -> list[str]:
+  """Day D's example files in name (= time) order.
+
+  Raises:
+    FileNotFoundError: W/data/D does not exist (the day was not converted yet).
+  """
+  return sorted(tf.io.gfile.glob(os.path.join(_data_dir(workdir, day),
+                                              EXAMPLES_PATTERN)))
+
+
+def replay_window(workdir: str, day: datetime.date, replay_days: int
+                  ) -> list[datetime.date]:
+  """The last `replay_days` data days up to and including `day`, oldest first.
+
+  A data day is a partition W/data/YYYY-MM-DD that exists: with 30-day
+  partitions the window is the last N partitions, not N calendar days. Only
+  W/data up to `day` decides it, so data of later days never enters it.
+
+  Raises:
+    FileNotFoundError: W/data/D does not exist.
+  """
+  _data_dir(workdir, day)
+  paths = workdir_lib.Workdir(workdir)
+  window = [day]
+  if replay_days > 1:  # else nothing to list
+    for earlier in reversed(workdir_lib.partition_dates(paths.data_root)):
+      if len(window) >= replay_days:
+        break
+      if earlier < day and tf.io.gfile.isdir(paths.data_dir(earlier)):
+        window.insert(0, earlier)
+  return window
+
+
+def day_seed(seed: int, day: datetime.date) -> int:
+  """The window-shuffle seed of a day's examples: its own, whichever day trains them."""
+  return seed * 100003 + day.toordinal()
+
+
+class DayFiles(NamedTuple):
+  """One day of a training stream: its files in time order, its seed, its directory."""
+  files: Sequence[str]
+  seed: int = 0
+  directory: str = ""  # W/data/D, for errors
+
+
+def day_files(workdir: str, day: datetime.date, seed: int) -> DayFiles:
+  """Day D as a day of a stream: its example files, its shuffle seed, W/data/D."""
+  return DayFiles(example_files(workdir, day), day_seed(seed, day),
+                  workdir_lib.Workdir(workdir).data_dir(day))
+
+
+def input_error(where: str, after: int, error: tf.errors.OpError) -> RuntimeError:
+  """The one-line error of input that cannot be read or parsed, naming `where`.
+
+  A failed check of the input (models/features.py) is "bad examples", quoted from
+  its assertion; anything else (a damaged file) is "cannot read examples".
+  """
+  if isinstance(error, tf.errors.InvalidArgumentError):
+    failed = re.search(r"assertion failed: \[(.*?)\]", error.message)
+    return RuntimeError(f"{where}: bad examples after example {after}: "
+                        f"{failed.group(1) if failed else error.message}")
+  return RuntimeError(f"{where}: cannot read examples after example {after}: "
+                      f"{error.message}")
 
 
 def _window_shuffle(records: tf.data.Dataset, window: int, seed: int) -> tf.data.Dataset:
@@ -63,19 +136,58 @@ def serialized_examples(files: Sequence[str], shuffle_buffer: int = 0,
   return records
 
 
+def _window_records(days: Sequence[DayFiles], shuffle_buffer: int) -> tf.data.Dataset:
+  """The days' serialized Examples one after the other, each day shuffled on its own."""
+  if shuffle_buffer <= 1:  # one reader over every file: the same order, one dataset
+    return serialized_examples([f for d in days for f in d.files])
+  records = serialized_examples(days[0].files, shuffle_buffer, days[0].seed)
+  for d in days[1:]:
+    records = records.concatenate(serialized_examples(d.files, shuffle_buffer, d.seed))
+  return records
+
+
+@functools.lru_cache(maxsize=None)
+def _parser(max_history: int) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+  """Parses a batch of serialized Examples into the training features.
+
+  A tf.function traced once per process, not once per dataset: a tf.data map of
+  a plain function traces it anew for every day's dataset, which costs more than
+  parsing a small day.
+  """
+  @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+  def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    return features.parse_examples(serialized, features.TRAINING_FEATURES,
+                                   max_history=max_history)
+  return parse
+
+
 def training_batches(files: Sequence[str], batch_size: int, skip: int = 0,
                      max_history: int = features.MAX_HISTORY, shuffle_buffer: int = 0,
                      seed: int = 0, parallel_parses: Optional[int] = None
                      ) -> tf.data.Dataset:
-  """Parsed batches of a day from example `skip` on; the last batch may be short.
+  """Parsed batches of one day (one epoch) from example `skip` on (`stream_batches`)."""
+  return stream_batches([DayFiles(files, seed)], batch_size, skip=skip,
+                        max_history=max_history, shuffle_buffer=shuffle_buffer,
+                        parallel_parses=parallel_parses)
+
+
+def stream_batches(days: Sequence[DayFiles], batch_size: int, skip: int = 0,
+                   epochs: int = 1, max_history: int = features.MAX_HISTORY,
+                   shuffle_buffer: int = 0, parallel_parses: Optional[int] = None
+                   ) -> tf.data.Dataset:
+  """Parsed batches of the stream: `days` in order, `epochs` times, from example `skip`.
+
+  Batches run across day and epoch boundaries; only the stream's last batch may
+  be short.
 
   Args:
-    files: the day's example files in time order.
+    days: the window's days, oldest first (`replay_window`, `day_files`).
     batch_size: examples per batch.
-    skip: examples already consumed (restored from a checkpoint).
+    skip: examples of the stream already consumed (restored from a checkpoint).
+    epochs: passes over the window. Above 1, the window is parsed once, eagerly
+      (`parse_window`, which raises its errors now), and held in memory.
     max_history: history width cut-off, as in `features.parse_examples`.
-    shuffle_buffer: see `serialized_examples`.
-    seed: window-shuffle seed.
+    shuffle_buffer: see `serialized_examples`; each day is shuffled with its seed.
     parallel_parses: batches parsed at once (tf.data.AUTOTUNE allowed); None
       parses one at a time, behind the prefetch (each parse is multi-threaded
       already). bench/input_parallelism.py compares the two.
@@ -83,13 +195,71 @@ def training_batches(files: Sequence[str], batch_size: int, skip: int = 0,
   Returns:
     A dataset of dicts of features.TRAINING_FEATURES in the dense form of
     models/features.py.
+
+  Raises:
+    RuntimeError: (epochs > 1) a day cannot be read or parsed, naming it; or
+      `skip` lies past the end of the stream.
   """
-  records = serialized_examples(files, shuffle_buffer, seed)
-  if skip:
-    records = records.skip(skip)
-  return (records.batch(batch_size)
-          .map(lambda s: features.parse_examples(s, features.TRAINING_FEATURES,
-                                                 max_history=max_history),
-               num_parallel_calls=parallel_parses,
-               deterministic=True if parallel_parses else None)
-          .prefetch(tf.data.AUTOTUNE))
+  if epochs == 1:
+    records = _window_records(days, shuffle_buffer)
+    if skip:
+      records = records.skip(skip)
+    return (records.batch(batch_size)
+            .map(_parser(max_history), num_parallel_calls=parallel_parses,
+                 deterministic=True if parallel_parses else None)
+            .prefetch(tf.data.AUTOTUNE))
+  window, size = parse_window(days, batch_size, max_history, shuffle_buffer)
+  if skip > epochs * size:
+    window_dirs = ", ".join(d.directory for d in days)
+    raise RuntimeError(
+        f"{days[-1].directory}: the checkpoint consumed {skip} examples of a stream of "
+        f"{epochs} x {size}: W/data of its window ({window_dirs}) changed since")
+
+  def gather(index: tf.Tensor) -> dict[str, tf.Tensor]:
+    return {name: tf.gather(value, index % size) for name, value in window.items()}
+  return (tf.data.Dataset.range(skip, epochs * size).batch(batch_size)
+          .map(gather).prefetch(tf.data.AUTOTUNE))
+
+
+def _pad_to(value: tf.Tensor, width: int, name: str) -> tf.Tensor:
+  """A [batch, w] feature padded with its absent value to [batch, width]."""
+  if value.shape[1] == width:
+    return value
+  return tf.pad(value, [[0, 0], [0, width - value.shape[1]]],
+                constant_values=features.FEATURES[name][2])
+
+
+def parse_window(days: Sequence[DayFiles], chunk: int,
+                 max_history: int = features.MAX_HISTORY, shuffle_buffer: int = 0
+                 ) -> tuple[dict[str, tf.Tensor], int]:
+  """The days' examples parsed once, in stream order: (dense features, examples).
+
+  Read `chunk` examples at a time, day by day, and parsed by one function traced
+  once per process; multi-valued features are padded to the window's widest (with
+  their absent value, as the dense form pads).
+
+  Raises:
+    RuntimeError: a day cannot be read or parsed, naming its directory and the
+      examples of it parsed before.
+  """
+  parse = _parser(max_history)
+  parts = []
+  for d in days:
+    parsed = 0
+    try:
+      for serialized in serialized_examples(d.files, shuffle_buffer, d.seed).batch(
+          chunk).prefetch(1):
+        parts.append(parse(serialized))
+        parsed += int(serialized.shape[0])
+    except tf.errors.OpError as e:
+      raise input_error(d.directory, parsed, e) from e
+  if not parts:
+    parts.append(parse(tf.zeros([0], tf.string)))
+  window = {}
+  for name in parts[0]:
+    values = [part[name] for part in parts]
+    if values[0].shape.rank == 2:
+      width = max(value.shape[1] for value in values)
+      values = [_pad_to(value, width, name) for value in values]
+    window[name] = tf.concat(values, axis=0)
+  return window, int(window["item_id"].shape[0])

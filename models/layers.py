@@ -7,7 +7,7 @@ the same layers serve training batches and padded serving requests.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import tensorflow as tf
 
@@ -103,8 +103,10 @@ class TimeFeatures(tf.keras.layers.Layer):
 class NormalizedMLP(tf.keras.layers.Layer):
   """ReLU hidden layers, a linear projection to `output_dim`, then L2 normalisation.
 
-  Input: float [B, n]. Output: float32 [B, output_dim] with unit rows, so that
-  <u, v> is a cosine and the temperature alone sets the logits' scale.
+  Input: float [B, n], and optionally `residual` [B, output_dim], added to the
+  projection before normalising (a path around the MLP, e.g. for the seed item).
+  Output: float32 [B, output_dim] with unit rows, so that <u, v> is a cosine and
+  the temperature alone sets the logits' scale.
   """
 
   def __init__(self, hidden: Sequence[int], output_dim: int, seed: int = 0, **kwargs):
@@ -119,15 +121,104 @@ class NormalizedMLP(tf.keras.layers.Layer):
     self.projection = tf.keras.layers.Dense(
         output_dim, kernel_initializer=init(len(self.hidden)), name="projection")
 
-  def call(self, inputs: tf.Tensor) -> tf.Tensor:
+  def call(self, inputs: tf.Tensor, residual: Optional[tf.Tensor] = None) -> tf.Tensor:
     x = inputs
     for layer in self.dense:
       x = layer(x)
-    return tf.math.l2_normalize(self.projection(x), axis=-1, epsilon=1e-12)
+    x = self.projection(x)
+    if residual is not None:
+      x = x + residual
+    return tf.math.l2_normalize(x, axis=-1, epsilon=1e-12)
 
   def get_config(self):
     return {**super().get_config(), "hidden": list(self.hidden),
             "output_dim": self.output_dim, "seed": self.seed}
+
+
+class PositionEmbedding(tf.keras.layers.Layer):
+  """Adds a learned vector per slot to a sequence: slot 0 is the most recent item.
+
+  Input: float [B, T, d] with 0 <= T <= max_length (the caller cuts longer
+  sequences; a longer one fails with an InvalidArgumentError that says so).
+  Output: [B, T, d], input[:, t] + P[t]. Absent slots get P[t] too: mask them
+  downstream (AttentionPooling does).
+  """
+
+  def __init__(self, max_length: int, seed: int = 0, **kwargs):
+    super().__init__(**kwargs)
+    self.max_length = max_length
+    self.seed = seed
+
+  def build(self, input_shape):
+    self.positions = self.add_weight(
+        name="positions", shape=(self.max_length, int(input_shape[-1])),
+        initializer=tf.keras.initializers.RandomUniform(-0.05, 0.05, seed=self.seed))
+    super().build(input_shape)
+
+  def call(self, sequence: tf.Tensor) -> tf.Tensor:
+    width = tf.shape(sequence)[1]
+    check = tf.debugging.assert_less_equal(
+        width, self.max_length,
+        message=f"a sequence is longer than the {self.max_length} positions embedded")
+    with tf.control_dependencies([check]):
+      return sequence + self.positions[tf.newaxis, :width]
+
+  def get_config(self):
+    return {**super().get_config(), "max_length": self.max_length, "seed": self.seed}
+
+
+class AttentionPooling(tf.keras.layers.Layer):
+  """Pools a masked sequence into one vector by attention from a query vector.
+
+  Inputs: query [B, q], sequence [B, T, d] (T >= 0) and mask [B, T] (True or
+  nonzero = present). Per head h (scaled dot-product attention, one query):
+
+    s_t = <W_h query + b_h, K_h x_t> / sqrt(key_dim)       over present slots t
+    a = softmax_t(s),   out_h = sum_t a_t V_h x_t
+
+  Output: float32 [B, num_heads * key_dim], the heads side by side. Absent slots
+  get weight exactly 0, so padding a row with absent slots leaves it unchanged;
+  a row with no present slot (empty history, T = 0) is all zeros, not NaN.
+  """
+
+  def __init__(self, num_heads: int, key_dim: int, seed: int = 0, **kwargs):
+    super().__init__(**kwargs)
+    self.num_heads = num_heads
+    self.key_dim = key_dim
+    self.seed = seed
+    width = num_heads * key_dim
+    init = lambda i: tf.keras.initializers.GlorotUniform(seed=seed + i)  # noqa: E731
+    self.query_dense = tf.keras.layers.Dense(width, kernel_initializer=init(0),
+                                             name="query")
+    self.key_dense = tf.keras.layers.Dense(width, use_bias=False,
+                                           kernel_initializer=init(1), name="key")
+    self.value_dense = tf.keras.layers.Dense(width, use_bias=False,
+                                             kernel_initializer=init(2), name="value")
+
+  def _heads(self, x: tf.Tensor) -> tf.Tensor:
+    """[B, T, h * k] -> [B, T, h, k]."""
+    shape = tf.shape(x)
+    return tf.reshape(x, [shape[0], shape[1], self.num_heads, self.key_dim])
+
+  def call(self, query: tf.Tensor, sequence: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    q = self._heads(self.query_dense(query)[:, tf.newaxis])[:, 0]
+    keys = self._heads(self.key_dense(sequence))
+    values = self._heads(self.value_dense(sequence))
+    present = tf.cast(mask, tf.bool)[:, tf.newaxis, :]  # [B, 1, T]
+    scores = tf.einsum("bhk,bthk->bht", q, keys) / float(self.key_dim) ** 0.5
+    # A masked softmax without inf or NaN, in values and gradients: absent slots
+    # score the lowest float, and their exponentials are multiplied by 0.
+    scores = tf.where(present, scores, scores.dtype.min)
+    top = tf.stop_gradient(tf.reduce_max(scores, axis=-1, keepdims=True))
+    weights = tf.exp(scores - top) * tf.cast(present, scores.dtype)
+    weights = tf.math.divide_no_nan(weights, tf.reduce_sum(weights, axis=-1,
+                                                          keepdims=True))
+    pooled = tf.einsum("bht,bthk->bhk", weights, values)
+    return tf.reshape(pooled, [-1, self.num_heads * self.key_dim])
+
+  def get_config(self):
+    return {**super().get_config(), "num_heads": self.num_heads,
+            "key_dim": self.key_dim, "seed": self.seed}
 
 
 def align_weights(weights: tf.Tensor, values: tf.Tensor) -> tf.Tensor:

@@ -8,7 +8,11 @@ p_j (the chance that item j appears in a batch) and rewards r_i,
   L = -(1/B) sum_i r_i log softmax_j(s_ij)[i]
 
 where a column j != i with the same item id as row i is an accidental hit and is
-masked out of row i's softmax. `tfrs.tasks.Retrieval` (0.7.7) applies the
+masked out of row i's softmax. With `uniform_negatives` = N (models/negatives.py),
+training adds N columns j = B+1..B+N drawn uniformly from the corpus of n items,
+each with its own q_j = N / n in place of p_j; a drawn item equal to row i's
+positive is masked like any accidental hit. Without a correction ("none") no
+column is corrected, drawn ones included. `tfrs.tasks.Retrieval` (0.7.7) applies the
 temperature first and then subtracts log p (clipped to [1e-6, 1]), which is this
 order; tests/test_models.py pins it against a hand computation. The task sums
 over the batch; we divide by the global batch size, as tf.distribute expects.
@@ -23,36 +27,40 @@ meet TFRS's lower clip.)
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import datetime
+from typing import Any, Mapping, Optional
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 import estimators
 from models import layers
-from models.config import ModelConfig
+from models import negatives
+from models.config import ESTIMATOR_FIELDS, ModelConfig
 from models.towers import CandidateTower, QueryTower
 
 
 def make_frequency_estimator(config: ModelConfig) -> Optional[tf.keras.layers.Layer]:
   """The estimator for `config.correction`, or None for "none".
 
-  "streaming" is the paper's hashed estimator; "exact" the per-id oracle
-  (estimators.ExactFrequencyEstimator, by default its long-run count method).
-  With {"count_multiplicity": true} in `estimator_options`, `max_probability`
+  Any kind of estimators.ESTIMATORS: "streaming" is the paper's hashed
+  estimator; "exact" the per-id oracle (by default its long-run count method).
+  Each gets those of estimator_buckets / _hashes / _alpha that it takes (as
+  num_buckets / num_hashes / alpha), and `estimator_options`. With
+  {"count_multiplicity": true} in `estimator_options`, `max_probability`
   defaults to the batch size, so expected counts above 1 are not clipped.
   """
   if config.correction == "none":
     return None
-  options = dict(config.estimator_options)
-  if config.correction == "streaming":
-    options.update(num_buckets=config.estimator_buckets,
-                   num_hashes=config.estimator_hashes)
+  takes = estimators.arguments(config.correction)
+  options = {argument: getattr(config, field)
+             for argument, field in ESTIMATOR_FIELDS.items() if argument in takes}
+  options.update(config.estimator_options)
   if options.get("count_multiplicity"):
     # An expected count per batch is at most the batch size: let it show.
     options.setdefault("max_probability", float(config.batch_size))
-  return estimators.make_estimator(config.correction, alpha=config.estimator_alpha,
-                                   name="frequency_estimator", **options)
+  return estimators.make_estimator(config.correction, name="frequency_estimator",
+                                   **options)
 
 
 def in_batch_recall(query_embeddings: tf.Tensor, candidate_embeddings: tf.Tensor,
@@ -80,6 +88,9 @@ class TwoTowerModel(tfrs.Model):
     candidate_tower: CandidateTower, raw CANDIDATE_FEATURES dict -> [B, d].
     estimator: the item-frequency estimator layer, or None for correction "none".
     task: the tfrs.tasks.Retrieval loss.
+    negatives: negatives.UniformNegatives, the corpus the uniform negatives are
+      drawn from, or None when `uniform_negatives` is 0. Not tracked: the
+      trainer loads each day's corpus (`load_negative_corpus`).
   """
 
   def __init__(self, config: ModelConfig, **kwargs):
@@ -92,6 +103,9 @@ class TwoTowerModel(tfrs.Model):
     self.estimator = make_frequency_estimator(config)
     self.task = tfrs.tasks.Retrieval(temperature=config.temperature,
                                      remove_accidental_hits=True)
+    # Untracked (see UniformNegatives): the corpus is not part of a checkpoint.
+    self.negatives = (negatives.UniformNegatives(config.uniform_negatives, config.seed)
+                      if config.uniform_negatives else None)
 
   def call(self, features: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
     """Returns (query embeddings, candidate embeddings), each [B, d]."""
@@ -103,18 +117,40 @@ class TwoTowerModel(tfrs.Model):
     return tf.linalg.matmul(query_embeddings, candidate_embeddings,
                             transpose_b=True) / self.config.temperature
 
+  def load_negative_corpus(self, workdir: str, day: datetime.date) -> None:
+    """Draws the uniform negatives from day D's corpus from now on; a no-op without them.
+
+    The trainer calls it when it starts (or resumes) training a day.
+
+    Raises:
+      FileNotFoundError, ValueError: see negatives.read_corpus.
+    """
+    if self.negatives is not None:
+      self.negatives.set_corpus(negatives.read_corpus(workdir, day))
+
+  def set_negative_corpus(self, candidates: Mapping[str, Any]) -> None:
+    """Draws the uniform negatives from `candidates` (UniformNegatives.set_corpus)."""
+    if self.negatives is None:
+      raise ValueError("set_negative_corpus: the config has uniform_negatives = 0")
+    self.negatives.set_corpus(candidates)
+
+  def _step(self, step: Optional[tf.Tensor]) -> tf.Tensor:
+    """The global step: `step`, else the optimizer's iterations."""
+    if step is None:
+      if self.optimizer is None:
+        raise ValueError("training with a frequency estimator or uniform negatives "
+                         "needs the global step: pass step= or compile the model "
+                         "with an optimizer")
+      step = self.optimizer.iterations
+    return tf.cast(step, tf.int64)
+
   def sampling_probability(self, item_ids: tf.Tensor, step: Optional[tf.Tensor],
                            training: bool) -> Optional[tf.Tensor]:
     """p of each candidate: updates the estimator at `step` when training."""
     if self.estimator is None:
       return None
     if training:
-      if step is None:
-        if self.optimizer is None:
-          raise ValueError("training with a frequency estimator needs the global step: "
-                           "pass step= or compile the model with an optimizer")
-        step = self.optimizer.iterations
-      return self.estimator(item_ids, tf.cast(step, tf.int64))
+      return self.estimator(item_ids, self._step(step))
     return self.estimator.estimate(item_ids)
 
   @staticmethod
@@ -131,15 +167,25 @@ class TwoTowerModel(tfrs.Model):
     Args:
       features: a parsed batch with query and candidate features; "reward" is the
         sample weight (1.0 when absent).
-      training: update the estimator (else read it only).
-      step: global step for the estimator; defaults to the optimizer's iterations.
+      training: update the estimator (else read it only), and add the uniform
+        negatives if the config has them.
+      step: global step for the estimator and the negatives' draw; defaults to
+        the optimizer's iterations.
 
     Returns:
       Scalar loss, averaged over the global batch.
     """
     query_embeddings, candidate_embeddings = self(features, training=training)
     item_ids = features["item_id"]
-    # Accidental hits compare ids B x B times: small ints are 4x faster than strings.
+    probability = self.sampling_probability(item_ids, step, training)
+    if training and self.negatives is not None:
+      drawn, drawn_probability = self.negatives.sample(self._step(step))
+      candidate_embeddings = tf.concat(
+          [candidate_embeddings, self.candidate_tower(drawn, training=training)], 0)
+      item_ids = tf.concat([item_ids, drawn["item_id"]], 0)
+      if probability is not None:
+        probability = tf.concat([probability, drawn_probability], 0)
+    # Accidental hits compare ids B x C times: small ints are 4x faster than strings.
     item_index = tf.unique(item_ids).idx
     reward = features.get("reward")
     if reward is None:
@@ -147,8 +193,7 @@ class TwoTowerModel(tfrs.Model):
     loss_sum = self.task(
         query_embeddings, candidate_embeddings,
         sample_weight=reward,
-        candidate_sampling_probability=self._below_one(
-            self.sampling_probability(item_ids, step, training)),
+        candidate_sampling_probability=self._below_one(probability),
         candidate_ids=item_index,
         compute_metrics=False, compute_batch_metrics=False)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync

@@ -18,19 +18,28 @@ from models.config import ModelConfig
 
 
 class QueryTower(tf.keras.Model):
-  """User id, seed item, mean of history, device, country, time -> MLP -> unit vector.
+  """User id, seed item, history, device, country, time -> MLP -> unit vector.
 
   The seed contributes its id embedding only: an Example carries no features of
   the seed item beyond its id. History is [B, W] for any W (0 included), padded
   with ""; only its first `max_history` (most recent) items count, as in
-  training. Empty seed, empty history and unseen ids all work; absent values
-  embed to zeros.
+  training. It is read by `config.query_encoder`:
+    "mean":      the mean of the present items' embeddings;
+    "attention": the items' embeddings (plus a learned embedding of each slot,
+                 i.e. recency, when `config.history_positions`) pooled by
+                 AttentionPooling, whose query is the seed item's embedding, or
+                 the most recent history item's when the seed is empty.
+  Both add log(1 + history size). With `config.seed_residual`, a linear
+  projection of the seed's id embedding is added to the MLP's output before it
+  is normalised, so that "items like the seed" is learnable directly. Empty
+  seed, empty history and unseen ids all work; absent values embed to zeros.
   """
 
   def __init__(self, config: ModelConfig, item_embedding: layers.HashedEmbedding,
                **kwargs):
     super().__init__(**kwargs)
     self.max_history = config.max_history
+    self.query_encoder = config.query_encoder
     self.item_embedding = item_embedding
     self.user_embedding = layers.HashedEmbedding(
         config.user_buckets, config.id_embedding_dim, seed=config.seed + 1,
@@ -43,25 +52,59 @@ class QueryTower(tf.keras.Model):
         name="country_embedding")
     self.time_features = layers.TimeFeatures(
         config.feature_embedding_dim, seed=config.seed + 4, name="time")
-    self.history_mean = layers.WeightedMean(name="history_mean")
+    # Layers exist only where the config uses them: a model without them has
+    # exactly the variables (and checkpoint) it had before they were added.
+    if config.query_encoder == "attention":
+      self.history_positions = (
+          layers.PositionEmbedding(config.max_history, seed=config.seed + 8,
+                                   name="history_positions")
+          if config.history_positions else None)
+      self.history_attention = layers.AttentionPooling(
+          config.attention_heads, config.id_embedding_dim, seed=config.seed + 9,
+          name="history_attention")
+    else:
+      self.history_mean = layers.WeightedMean(name="history_mean")
+    residual_init = tf.keras.initializers.GlorotUniform(seed=config.seed + 101)
+    self.seed_residual = (
+        tf.keras.layers.Dense(config.embedding_dim, use_bias=False, name="seed_residual",
+                              kernel_initializer=residual_init)
+        if config.seed_residual else None)
     self.mlp = layers.NormalizedMLP(config.query_hidden, config.embedding_dim,
                                     seed=config.seed + 100, name="query_mlp")
+
+  def encode_history(self, seed_ids: tf.Tensor, history: tf.Tensor) -> tf.Tensor:
+    """The history's vector [B, n] from seed ids [B] and history ids [B, W].
+
+    W <= max_history (`call` cuts wider requests).
+    """
+    embeddings = self.item_embedding(history)
+    present = history != ""
+    if self.query_encoder != "attention":
+      return self.history_mean(embeddings, tf.cast(present, tf.float32))
+    # The most recent item stands in for an absent seed (as the Beam job fills it).
+    most_recent = tf.concat([history, tf.fill([tf.shape(history)[0], 1], "")], 1)[:, 0]
+    anchor = tf.where(seed_ids != "", seed_ids, most_recent)
+    if self.history_positions is not None:
+      embeddings = self.history_positions(embeddings)
+    return self.history_attention(self.item_embedding(anchor), embeddings, present)
 
   def call(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
     # Training parses at most max_history items; serving may send more.
     history = features["history_item_ids"][:, :self.max_history]
-    present = tf.cast(history != "", tf.float32)
-    history_size = tf.reduce_sum(present, axis=1, keepdims=True)
+    history_size = tf.reduce_sum(tf.cast(history != "", tf.float32), axis=1,
+                                  keepdims=True)
+    seed = self.item_embedding(features["seed_item_id"])
     inputs = [
         self.user_embedding(features["user_id"]),
-        self.item_embedding(features["seed_item_id"]),
-        self.history_mean(self.item_embedding(history), present),
+        seed,
+        self.encode_history(features["seed_item_id"], history),
         tf.math.log1p(history_size),
         self.device_embedding(features["device"]),
         self.country_embedding(features["country"]),
         self.time_features(features["timestamp"]),
     ]
-    return self.mlp(tf.concat(inputs, axis=-1))
+    residual = self.seed_residual(seed) if self.seed_residual is not None else None
+    return self.mlp(tf.concat(inputs, axis=-1), residual=residual)
 
 
 class CandidateTower(tf.keras.Model):

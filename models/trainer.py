@@ -1,15 +1,22 @@
 """Trains the two-tower model one day at a time, in time order, resumably.
 
-The library of the trainer; its command line is models/train.py. A day is one
-pass over W/data/D in file-then-record (time) order. The checkpoint
-(W/checkpoints, tf.train.CheckpointManager) holds everything a restart needs: the
-model, the frequency estimator's state (a layer of the model), the optimizer
-(whose `iterations` is the global step t fed to the estimator, 1-based per
-batch), the day being trained, how many of its examples were consumed, and
-whether the day is complete (`checkpoint_position` reads these). A process
-killed mid-day restarts from the last checkpoint and skips exactly the examples
-it had consumed: nothing is trained twice or skipped. Checkpoints are written
-every `checkpoint_every_steps` global steps and at the end of the day.
+The library of the trainer; its command line is models/train.py. Training day D
+streams the last `replay_days` data days up to and including D (D last; days
+with a W/data partition, so 30-day partitions count as one each), in
+file-then-record (time) order, `epochs_per_day` times (models/data.py); by
+default that is one pass over W/data/D. Only data up to D is read, so the daily
+job's test-then-train holds: D is scored by an export made before D was trained
+on. Every batch is a global step. The checkpoint (W/checkpoints,
+tf.train.CheckpointManager) holds everything a restart needs: the model, the
+frequency estimator's state (a layer of the model), the optimizer (whose
+`iterations` is the global step t fed to the estimator, 1-based per batch), the
+day being trained, how many examples of its stream were consumed, and whether
+the day is complete (`checkpoint_position` reads these). The stream is a pure
+function of W/data up to D and the config (whose replay fields cannot change in
+a workdir), so a process killed mid-stream (mid-epoch, mid-replayed day)
+restarts from the last checkpoint and skips exactly the examples it had
+consumed: nothing is trained twice or skipped. Checkpoints are written every
+`checkpoint_every_steps` global steps and at the end of the day.
 
 The config is written to W/config.json on the first day; a later config that
 differs in an architecture field fails with the list of differing fields.
@@ -27,7 +34,7 @@ boundary), so the per-step cost is the graph's alone. Every `log_every_steps`
 steps, TensorBoard (W/tensorboard) gets the loss, examples/s, the estimator's
 statistics and the in-batch recall@{1,10} of the next batch, measured before
 training on it. A day's loss sum and step count are checkpointed too, so a
-resumed day still reports the mean loss of the whole day.
+resumed day still reports the mean loss of its whole stream.
 
 Fault injection, for tests only: with the environment variable
 TOWERSTREAM_KILL_AFTER_STEP=N, the training process kills itself with SIGKILL
@@ -42,7 +49,6 @@ import contextlib
 import datetime
 import json
 import os
-import re
 import signal
 import time
 from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
@@ -182,7 +188,7 @@ class TrainedPosition(NamedTuple):
 
   Attributes:
     day: the day being or last trained (None before any).
-    examples: examples of that day consumed.
+    examples: examples of that day's stream consumed (`Trainer.train_day`).
     complete: whether that day was trained to its end.
     global_step: optimizer steps in total.
     checkpoint: the checkpoint holding exactly this position (None: a trainer's
@@ -261,11 +267,12 @@ def load_model(workdir: str) -> tuple[TwoTowerModel, TrainedPosition]:
 
 
 class _Pass(NamedTuple):
-  """What one training pass over (the rest of) a day did."""
-  skip: int  # examples of the day consumed before the pass
+  """What one training pass over (the rest of) a day's stream did."""
+  skip: int  # examples of the stream consumed before the pass
   steps: int
   seconds: float
   probe: dict[str, float]  # the last probe's in-batch recall and estimator stats
+  window: list[datetime.date]  # the replay window, oldest first (D last)
 
 
 class Trainer:
@@ -343,7 +350,7 @@ class Trainer:
     return int(self.optimizer.iterations.numpy())
 
   def position(self) -> tuple[Optional[datetime.date], int, bool]:
-    """(day being or last trained, examples of it consumed, whether it is complete)."""
+    """(day being or last trained, examples of its stream consumed, whether complete)."""
     return (_day_of(int(self._day.numpy())), int(self._day_examples.numpy()),
             bool(self._day_complete.numpy()))
 
@@ -423,25 +430,23 @@ class Trainer:
             for name, value in stats.items()}
 
   @contextlib.contextmanager
-  def _errors_as(self, day: datetime.date) -> Iterator[None]:
-    """Turns a failed step into DivergenceError and a bad input into RuntimeError."""
+  def _errors_as(self, day: datetime.date, where: str) -> Iterator[None]:
+    """Turns a failed step into DivergenceError and a bad input into RuntimeError.
+
+    `where` names the input in the error: W/data/D, or D's replay window.
+    """
     try:
       yield
     except tf.errors.InvalidArgumentError as e:
       if _LOSS_CHECK not in e.message:
-        # A failed check of the input (models/features.py) says it in one line.
-        failed = re.search(r"assertion failed: \[(.*?)\]", e.message)
-        raise RuntimeError(f"{self._paths.data_dir(day)}: bad examples after "
-                           f"example {self._day_examples.numpy()}: "
-                           f"{failed.group(1) if failed else e.message}") from e
+        raise data.input_error(where, int(self._day_examples.numpy()), e) from e
       self._stale = True
       raise DivergenceError(
           f"day {day}: loss is NaN or infinite at global step {self.global_step + 1} "
-          f"(examples {self._day_examples.numpy()}.. of the day); stopped, last "
-          f"checkpoint {self._manager.latest_checkpoint} is untouched") from e
+          f"(examples {self._day_examples.numpy()}.. of the day's stream); stopped, "
+          f"last checkpoint {self._manager.latest_checkpoint} is untouched") from e
     except tf.errors.OpError as e:
-      raise RuntimeError(f"{self._paths.data_dir(day)}: cannot read examples after "
-                         f"example {self._day_examples.numpy()}: {e.message}") from e
+      raise data.input_error(where, int(self._day_examples.numpy()), e) from e
 
   def _save(self, step: int) -> str:
     try:
@@ -493,20 +498,26 @@ class Trainer:
     return 0
 
   def train_day(self, day: datetime.date) -> dict[str, Any]:
-    """Trains one pass over W/data/D in time order, resuming mid-day if needed.
+    """Trains day D's stream in time order, resuming mid-stream if needed.
+
+    The stream is the last `replay_days` data days up to and including D (D
+    last), `epochs_per_day` times (models/data.py); with the defaults, one pass
+    over W/data/D. Every batch is a global step.
 
     Returns:
       Stats: day, status ("trained", "resumed" or "already_trained"), examples
-      (consumed of the day in total), examples_this_run, steps_this_run,
-      global_step, mean_loss (of the whole day, resumed runs included),
-      examples_per_s (this run), the last probe's in-batch recall and
-      estimator stats, and the final checkpoint path.
+      (of the stream consumed in total), examples_this_run, steps_this_run,
+      global_step, mean_loss (of the whole stream, resumed runs included),
+      examples_per_s (this run, reading and parsing included), window_days (the
+      replay window, oldest first), epochs, window_examples (examples in the
+      window, once), the last probe's in-batch recall and estimator stats, and
+      the final checkpoint path.
 
     Raises:
       DivergenceError: a NaN or infinite loss; the model is reloaded from the last
         checkpoint before the next `train_day`.
       FileNotFoundError: no W/data/D.
-      RuntimeError: an earlier day is unfinished, or D's data cannot be read.
+      RuntimeError: an earlier day is unfinished, or the stream cannot be read.
     """
     if self._stale:
       self._build()
@@ -518,29 +529,43 @@ class Trainer:
     self._save_config()
     return self._finish_day(day, self._train_pass(day, skip))
 
-  def _day_batches(self, day: datetime.date, skip: int) -> Iterator[Any]:
-    """The distributed iterator over day D's batches from example `skip` on."""
-    files = data.example_files(self.workdir, day)
-    batches = data.training_batches(
-        files, self.config.batch_size, skip=skip, max_history=self.config.max_history,
-        shuffle_buffer=self.config.shuffle_buffer, seed=self.config.seed * 100003 +
-        day.toordinal())
-    logging.info("day %s: %d files, starting at example %d, global step %d", day,
-                 len(files), skip, self.global_step)
-    return iter(self.strategy.experimental_distribute_dataset(batches))
+  def _window_where(self, day: datetime.date, window: Sequence[datetime.date]) -> str:
+    """How errors name the input of day D's stream: W/data/D, or its replay window."""
+    where = self._paths.data_dir(day)
+    if len(window) > 1 or self.config.epochs_per_day > 1:
+      where += (f" (the replay stream of {day}: {', '.join(map(str, window))}, "
+                f"{self.config.epochs_per_day} epochs)")
+    return where
+
+  def _stream(self, day: datetime.date, skip: int
+              ) -> tuple[Iterator[Any], list[datetime.date]]:
+    """The distributed iterator over day D's stream from example `skip` on, and
+    the replay window it streams."""
+    config = self.config
+    window = data.replay_window(self.workdir, day, config.replay_days)
+    days = [data.day_files(self.workdir, d, config.seed) for d in window]
+    batches = data.stream_batches(
+        days, config.batch_size, skip=skip, epochs=config.epochs_per_day,
+        max_history=config.max_history, shuffle_buffer=config.shuffle_buffer)
+    logging.info("day %s: window %s (%d files), %d epochs, starting at example %d, "
+                 "global step %d", day, [d.isoformat() for d in window],
+                 sum(len(d.files) for d in days), config.epochs_per_day, skip,
+                 self.global_step)
+    return iter(self.strategy.experimental_distribute_dataset(batches)), window
 
   def _train_pass(self, day: datetime.date, skip: int) -> _Pass:
-    """Trains the rest of day D from example `skip`; returns what the pass did.
+    """Trains the rest of day D's stream from example `skip`; returns what it did.
 
     Checkpoints, summaries and the injected kill happen at their step boundaries
     (`_train_to_log_step`); the day is not marked complete here.
     """
-    iterator = self._day_batches(day, skip)
     started, start_step = time.perf_counter(), self.global_step
+    self.model.load_negative_corpus(self.workdir, day)  # D's: every item up to D
+    iterator, window = self._stream(day, skip)
     kill_after = _kill_after_step()
     probe: dict[str, float] = {}
     since = (started, skip, *self._day_loss())
-    with self._writer.as_default(), self._errors_as(day):
+    with self._writer.as_default(), self._errors_as(day, self._window_where(day, window)):
       while True:
         # The first step after each log boundary runs from Python: its batch is
         # probed (in-batch recall, estimator stats) before being trained on.
@@ -553,7 +578,7 @@ class Trainer:
           break
         since = self._log_interval(day, since, probe)
     return _Pass(skip=skip, steps=self.global_step - start_step,
-                 seconds=time.perf_counter() - started, probe=probe)
+                 seconds=time.perf_counter() - started, probe=probe, window=window)
 
   def _probe_batch(self, batch: Any) -> dict[str, float]:
     """The probe of a batch about to be trained on, written to TensorBoard."""
@@ -603,6 +628,9 @@ class Trainer:
         "mean_loss": total / day_steps if day_steps else None,
         "examples_per_s": ((consumed - done.skip) / done.seconds if done.seconds > 0
                            else None),
+        "window_days": [d.isoformat() for d in done.window],
+        "epochs": self.config.epochs_per_day,
+        "window_examples": consumed // self.config.epochs_per_day,
         "checkpoint": path,
         **done.probe,
     }

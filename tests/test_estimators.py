@@ -375,8 +375,30 @@ def test_bad_arguments_raise():
     estimators.DecayedCountFrequencyEstimator(num_buckets=0)
   with pytest.raises(ValueError, match="decay"):
     estimators.DecayedCountFrequencyEstimator(num_buckets=8, decay=1.0)
+  # Options the "count" method could not honour are refused, not ignored.
+  with pytest.raises(ValueError, match="apply to method 'gap' only"):
+    estimators.ExactFrequencyEstimator(method="count", init="prior")
+  with pytest.raises(ValueError, match="apply to method 'gap' only"):
+    estimators.ExactFrequencyEstimator(staleness=0.5)
   # The exact "gap" method shares the streaming checks, staleness's included.
   with pytest.raises(ValueError, match="staleness"):
     estimators.ExactFrequencyEstimator(method="gap", staleness=-1.0)
   with pytest.raises(TypeError, match="integer"):
     estimators.CountMinFrequencyEstimator(num_buckets=8)(["a"], 1.0)
+
+
+def test_each_kind_lists_the_arguments_it_takes():
+  shared = {"count_multiplicity", "min_probability", "max_probability"}
+  assert set(estimators.arguments("count_min")) == shared | {
+      "num_buckets", "num_hashes", "hash_seed"}
+  assert set(estimators.arguments("decayed_count")) == shared | {
+      "num_buckets", "num_hashes", "hash_seed", "decay", "conservative"}
+  assert {"alpha", "init", "initial_gap", "staleness"} <= set(
+      estimators.arguments("streaming")) & set(estimators.arguments("exact"))
+  estimators.check_options("streaming", {"init": "prior", "staleness": 0.1})
+  with pytest.raises(ValueError, match=r"estimator 'decayed_count' does not take "
+                     r"\['init', 'name'\]"):
+    estimators.check_options("decayed_count",
+                             {"init": "prior", "decay": 0.1, "name": "x"})
+  with pytest.raises(ValueError, match="Unknown estimator kind"):
+    estimators.arguments("bloom")

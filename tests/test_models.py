@@ -66,6 +66,22 @@ def test_config_round_trips_and_lists_incompatibilities():
     ModelConfig.from_dict({"embedding_size": 3})
 
 
+def test_config_checks_the_model_levers():
+  config = TINY.replace(query_encoder="attention", attention_heads=2, seed_residual=True,
+                        history_positions=False, uniform_negatives=16)
+  assert ModelConfig.from_json(config.to_json()) == config
+  assert TINY.incompatibilities(config) == [
+      "attention_heads: 1 != 2", "history_positions: True != False",
+      "query_encoder: 'mean' != 'attention'", "seed_residual: False != True",
+      "uniform_negatives: 0 != 16"]
+  with pytest.raises(ValueError, match="query_encoder must be one of"):
+    TINY.replace(query_encoder="gru")
+  with pytest.raises(ValueError, match="uniform_negatives must be >= 0"):
+    TINY.replace(uniform_negatives=-1)
+  with pytest.raises(ValueError, match="attention_heads must be >= 1"):
+    TINY.replace(attention_heads=0)
+
+
 def test_config_from_overrides_merges_onto_the_saved_config():
   assert config_lib.config_from_overrides(TINY, {}) is None
   assert config_lib.config_from_overrides(None, {}) is None
@@ -362,3 +378,207 @@ def test_in_batch_recall_by_hand():
   ids = tf.constant(["a", "b", "b"])
   assert float(in_batch_recall(q, c, ids, 1)) == pytest.approx(2 / 3)
   assert float(in_batch_recall(q, c, ids, 3)) == pytest.approx(1.0)
+
+
+# --- estimators as corrections ------------------------------------------------
+
+def _train_step(model: TwoTowerModel, inputs: dict, step: int) -> float:
+  """One plain SGD step of compute_loss at global `step`; returns the loss."""
+  with tf.GradientTape() as tape:
+    loss = model.compute_loss(inputs, training=True, step=tf.constant(step, tf.int64))
+  variables = model.trainable_variables
+  gradients = tape.gradient(loss, variables)
+  tf.keras.optimizers.SGD(0.1).apply_gradients(zip(gradients, variables))
+  return float(loss)
+
+
+@pytest.mark.parametrize("correction", config_lib.CORRECTIONS)
+def test_every_correction_builds_and_trains(correction):
+  config = TINY.replace(correction=correction)
+  model = TwoTowerModel(config)
+  inputs = batch([{"user_id": f"u{i}", "item_id": f"i{i % 3}"} for i in range(4)])
+  model(inputs)
+  before = [v.numpy().copy() for v in model.trainable_variables]
+  for step in (1, 2):
+    assert np.isfinite(_train_step(model, inputs, step))
+  assert any(not np.array_equal(b, v.numpy())
+             for b, v in zip(before, model.trainable_variables))
+  if correction == "none":
+    assert model.estimator is None
+    return
+  assert model.estimator.last_step.numpy() == 2
+  # Each estimator got the config's sizes and rate where it takes them.
+  for argument, field in config_lib.ESTIMATOR_FIELDS.items():
+    if argument in type(model.estimator).arguments():
+      assert getattr(model.estimator, argument) == getattr(config, field), argument
+  p = model.estimator.estimate(tf.constant(["i0", "i1", "never"])).numpy()
+  assert p[0] > p[2] and p[1] > p[2], p
+
+
+@pytest.mark.parametrize("correction,options", [
+    ("streaming", {"init": "prior"}),
+    ("exact", {"method": "gap", "init": "prior"}),
+])
+def test_prior_init_keeps_a_late_item_from_a_tiny_p(correction, options):
+  """An item first seen at step 400 gets p = 1 / initial_gap, not 1 / (~steps so far)."""
+  p_new = {}
+  for init in ("paper", "prior"):
+    model = TwoTowerModel(TINY.replace(correction=correction,
+                                       estimator_options={**options, "init": init}))
+    for step in (1, 399):
+      model.estimator(tf.constant(["old"]), tf.constant(step, tf.int64))
+    p = model.estimator(tf.constant(["new"]), tf.constant(400, tf.int64))
+    p_new[init] = float(p[0])
+  # alpha 0.5, B = 100 unseen: "paper" takes the 400 steps since the origin as
+  # the first gap, B = 0.5 * 100 + 0.5 * 400; "prior" takes 100, B = 100.
+  assert p_new["prior"] == pytest.approx(1 / 100.0)
+  assert p_new["paper"] == pytest.approx(1 / 250.0)
+  # No kind is given options it cannot take.
+  for kind in ("count_min", "decayed_count"):
+    with pytest.raises(ValueError, match=rf"estimator '{kind}' does not take \['init'\]"):
+      TINY.replace(correction=kind, estimator_options={"init": "prior"})
+  with pytest.raises(ValueError, match="apply to method 'gap' only"):
+    TwoTowerModel(TINY.replace(correction="exact", estimator_options={"init": "prior"}))
+  with pytest.raises(ValueError, match=r"set \['estimator_alpha'\] instead"):
+    TINY.replace(estimator_options={"alpha": 0.3})
+
+
+# --- mixed negatives ----------------------------------------------------------
+
+CORPUS_IDS = [f"c{k}" for k in range(8)]
+
+
+def corpus_rows(ids: list[str]) -> list[dict]:
+  return [{"item_id": item, "item_channel_id": f"ch{k % 2}", "item_duration_s": 10.0 * k,
+           "item_topics": [f"t{j}" for j in range(k % 3)]} for k, item in enumerate(ids)]
+
+
+def test_each_sampled_column_carries_its_own_log_q():
+  """In-batch columns: the estimator's log p; sampled ones: log(N / n); hits masked."""
+  config = TINY.replace(correction="exact", uniform_negatives=6)
+  model = TwoTowerModel(config)
+  model.set_negative_corpus(batch(corpus_rows(CORPUS_IDS)))
+  reference = make_frequency_estimator(config)
+  for step, ids in enumerate([["c0", "c1"], ["c0"], ["c0", "c2", "c1"]], start=1):
+    model.estimator(tf.constant(ids), tf.constant(step, tf.int64))
+    reference(tf.constant(ids), tf.constant(step, tf.int64))
+  ids = ["c0", "c1", "c0", "c3"]
+  reward = np.array([1.0, 0.5, 2.0, 1.0])
+  inputs = batch([{**corpus_rows(CORPUS_IDS)[int(item[1:])], "user_id": f"u{i}",
+                   "history_item_ids": ids[:i], "reward": r}
+                  for i, (item, r) in enumerate(zip(ids, reward))])
+  step = tf.constant(4, tf.int64)
+  drawn, q = model.negatives.sample(step)
+  drawn_ids = [x.decode() for x in drawn["item_id"].numpy()]
+  assert any(d in ids for d in drawn_ids) and any(d not in ids for d in drawn_ids), \
+      f"draws {drawn_ids} test neither hits nor misses"
+  np.testing.assert_allclose(q, [6 / 8] * 6, rtol=1e-6)
+  u, v = (x.numpy().astype(np.float64) for x in model(inputs))
+  v_drawn = model.candidate_tower(drawn).numpy().astype(np.float64)
+  p = reference(tf.constant(ids), step).numpy().astype(np.float64)
+  assert len(set(np.round(p, 6))) >= 2, "a correction that is not informative"
+
+  got = float(model.compute_loss(inputs, training=True, step=step))
+
+  columns = np.array(ids + drawn_ids)
+  scores = u @ np.concatenate([v, v_drawn]).T / config.temperature
+  hits = (np.array(ids)[:, None] == columns[None, :]) & ~np.eye(4, 10, dtype=bool)
+  log_q = np.log(np.concatenate([p, np.full(6, 6 / 8)]))
+  want = _softmax_loss(np.where(hits, -np.inf, scores - log_q), reward)
+  assert got == pytest.approx(want, rel=1e-5)
+  drawn_p = reference.estimate(tf.constant(drawn_ids)).numpy().astype(np.float64)
+  mistakes = {
+      "drawn columns take the estimator's p": np.log(np.concatenate([p, drawn_p])),
+      "drawn columns uncorrected": np.concatenate([np.log(p), np.zeros(6)]),
+      "no columns corrected": np.zeros(10),
+  }
+  for name, wrong in mistakes.items():
+    assert abs(_softmax_loss(np.where(hits, -np.inf, scores - wrong), reward) - want) > \
+        1e-3, name
+  assert abs(_softmax_loss(scores - log_q, reward) - want) > 1e-3, "drawn hits kept"
+  # Evaluation (training=False) stays in-batch: B columns only.
+  in_batch = _softmax_loss(np.where(hits[:, :4], -np.inf,
+                                    scores[:, :4] - np.log(model.estimator.estimate(
+                                        tf.constant(ids)).numpy())[None, :]), reward)
+  assert float(model.compute_loss(inputs)) == pytest.approx(in_batch, rel=1e-5)
+
+
+def test_negatives_without_correction_are_not_corrected():
+  config = TINY.replace(correction="none", uniform_negatives=3)
+  model = TwoTowerModel(config)
+  model.set_negative_corpus(batch(corpus_rows(CORPUS_IDS)))
+  ids = ["c1", "c2"]
+  inputs = batch(corpus_rows(CORPUS_IDS)[1:3])
+  drawn, _ = model.negatives.sample(tf.constant(9, tf.int64))
+  u, v = (x.numpy().astype(np.float64) for x in model(inputs))
+  v_all = np.concatenate([v, model.candidate_tower(drawn).numpy()])
+  columns = np.array(ids + [x.decode() for x in drawn["item_id"].numpy()])
+  hits = (np.array(ids)[:, None] == columns[None, :]) & ~np.eye(2, 5, dtype=bool)
+  want = _softmax_loss(np.where(hits, -np.inf, u @ v_all.T / config.temperature),
+                       np.ones(2))
+  got = model.compute_loss(inputs, training=True, step=tf.constant(9, tf.int64))
+  assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_draws_are_a_function_of_the_step_and_follow_a_new_corpus():
+  """Resumable (same step, same draw) and traced once across corpora of any shape."""
+  config = TINY.replace(correction="none", uniform_negatives=50)
+  model = TwoTowerModel(config)
+  model.set_negative_corpus(batch(corpus_rows(CORPUS_IDS)))
+  draw = tf.function(lambda step: model.negatives.sample(step)[0]["item_id"])
+  first = draw(tf.constant(5, tf.int64)).numpy()
+  again = TwoTowerModel(config)
+  again.set_negative_corpus(batch(corpus_rows(CORPUS_IDS)))
+  np.testing.assert_array_equal(again.negatives.sample(tf.constant(5, tf.int64))[0][
+      "item_id"], first)
+  assert not np.array_equal(draw(tf.constant(6, tf.int64)).numpy(), first)
+  assert set(first) == {x.encode() for x in CORPUS_IDS}  # 50 draws of 8 items
+  # A smaller corpus with wider topics: the traced draw reads the new one.
+  small = corpus_rows(["n0", "n1"])
+  small[1]["item_topics"] = ["a", "b", "c", "d", "e"]
+  model.set_negative_corpus(batch(small))
+  assert set(draw(tf.constant(5, tf.int64)).numpy()) == {b"n0", b"n1"}
+  inputs = batch(corpus_rows(CORPUS_IDS)[:3])
+  model(inputs)  # variables first: a tf.function that makes them traces twice
+  train = tf.function(lambda inputs, step: model.compute_loss(inputs, training=True,
+                                                              step=step))
+  assert np.isfinite(float(train(inputs, tf.constant(7, tf.int64))))
+  model.set_negative_corpus(batch(corpus_rows(CORPUS_IDS)))
+  assert np.isfinite(float(train(inputs, tf.constant(8, tf.int64))))
+  assert draw.experimental_get_tracing_count() == 1
+  assert train.experimental_get_tracing_count() == 1
+
+
+def _write_corpus(directory, rows: list[dict]) -> None:
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, "corpus-00000-of-00001.tfrecord.gz")
+  with tf.io.TFRecordWriter(path, "GZIP") as writer:
+    for row in rows:
+      writer.write(features.to_example(row).SerializeToString())
+
+
+def test_negative_corpus_comes_from_the_day_and_is_required(tmp_path):
+  day = datetime.date(2024, 1, 2)
+  workdir = str(tmp_path / "w")
+  TwoTowerModel(TINY).load_negative_corpus(workdir, day)  # no negatives: no read
+  model = TwoTowerModel(TINY.replace(correction="none", uniform_negatives=2))
+  inputs = batch(corpus_rows(CORPUS_IDS)[:2])
+  with pytest.raises(tf.errors.InvalidArgumentError, match="uniform negatives need a "
+                     "corpus"):
+    model.compute_loss(inputs, training=True, step=tf.constant(1, tf.int64))
+  with pytest.raises(FileNotFoundError, match="no corpus"):
+    model.load_negative_corpus(workdir, day)
+  _write_corpus(os.path.join(workdir, "data", "2024-01-02"), corpus_rows(CORPUS_IDS[:5]))
+  model.load_negative_corpus(workdir, day)
+  np.testing.assert_array_equal(model.negatives.corpus["item_id"].numpy(),
+                                [x.encode() for x in CORPUS_IDS[:5]])
+  np.testing.assert_array_equal(model.negatives.corpus["item_topic_weights"].numpy()[2],
+                                [1.0, 1.0])  # filled in as when training
+  assert np.isfinite(float(model.compute_loss(inputs, training=True,
+                                              step=tf.constant(1, tf.int64))))
+  # The corpus is not part of the model's checkpoint or variables.
+  assert not [v.name for v in model.variables if "negatives" in v.name]
+  with pytest.raises(ValueError, match="distinct"):
+    model.set_negative_corpus(batch(corpus_rows(["a", "a"])))
+  with pytest.raises(ValueError, match="uniform_negatives = 0"):
+    TwoTowerModel(TINY).set_negative_corpus(batch(corpus_rows(["a"])))

@@ -1,0 +1,195 @@
+r"""Fast sweep of model configurations for tuning (issue 13), on the validation half.
+
+bench/quality.py runs the whole daily job per configuration: Beam, evaluation of
+both exports, training, two exports and the report, every day. To compare many
+configurations, this sweep does the Beam step once (W/data of every partition,
+shared by all runs) and then, per configuration and per day D in order:
+
+  1. scores D's events with the model in memory, trained through the day before:
+     exact brute-force ranks over the corpus of that day's data (the corpus the
+     daily job's exact export of that day holds), over all events and with the
+     user's seen items excluded (evaluation.records.seen_sets);
+  2. trains D with models.trainer.Trainer, as the daily job does.
+
+These are the daily job's exact-export figures without the SavedModel round
+trip; the baselines use evaluation.baselines on the same events, as the daily
+job's evaluation does. Flags: those of bench/quality.py (same protocol and split);
+figures are event-weighted means over the scored days of each half.
+
+  python bench/quality_sweep.py --dataset=movielens \
+      --movielens_dir=../shared/data/ml-latest-small --through=validation \
+      --configs='{"base": {"batch_size": 128}, "replay": {"batch_size": 128, "replay_days": 8}}'
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+from absl import app
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import quality  # noqa: E402  (its flags and protocol are this sweep's)
+from core import cli  # noqa: E402
+from core import workdir as workdir_lib  # noqa: E402
+from evaluation import baselines  # noqa: E402
+from evaluation import recall  # noqa: E402
+from evaluation import records  # noqa: E402
+from models import features  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+from models.trainer import Trainer  # noqa: E402
+from pipeline import beam_day  # noqa: E402
+from serving import corpus as corpus_lib  # noqa: E402
+
+KS = (10, 50, 100)
+_ROWS = 2048
+
+
+def prepare(out: str, dates: Sequence[str], raw: str, beam: beam_day.BeamSettings,
+            pipeline_args: Sequence[str]) -> str:
+  """Runs the Beam step of every partition once into OUT/data_workdir; returns it."""
+  root = os.path.join(out, "data_workdir")
+  paths = workdir_lib.Workdir(root)
+  for i, name in enumerate(dates):
+    day = dt.date.fromisoformat(name)
+    if not workdir_lib.exists(paths.stats_path(day)):
+      beam_day.run_day(day, root, beam, os.path.join(raw, "logs"),
+                       os.path.join(raw, "catalog"), pipeline_args)
+    if i % 20 == 0:
+      print(f"beam {i + 1}/{len(dates)} {name}", flush=True)
+  return root
+
+
+def _embed(tower, columns: dict[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
+  n = len(next(iter(columns.values())))
+  return np.concatenate([tower({k: columns[k][s:s + _ROWS] for k in names}).numpy()
+                         for s in range(0, n, _ROWS)] or [np.zeros((0, 1), np.float32)])
+
+
+def model_ranks(trainer: Trainer, events: dict[str, np.ndarray], corpus: dict[str, np.ndarray],
+                seen: Optional[list[frozenset[bytes]]], rows: np.ndarray) -> np.ndarray:
+  """0-based rank of each selected event's target by <u, v> over the corpus, MISS if
+  the target is not in it; items in the event's seen set are skipped."""
+  model = trainer.model
+  items = corpus["item_id"]
+  index = {item: i for i, item in enumerate(items.tolist())}
+  candidates = _embed(model.candidate_tower, corpus, features.CANDIDATE_FEATURES)
+  ranks = np.full(len(rows), recall.MISS, np.int64)
+  for start in range(0, len(rows), _ROWS):
+    batch = rows[start:start + _ROWS]
+    queries = _embed(model.query_tower, {k: events[k][batch] for k in features.QUERY_FEATURES},
+                     features.QUERY_FEATURES)
+    scores = queries @ candidates.T
+    for j, event in enumerate(batch.tolist()):
+      target = index.get(events["item_id"][event])
+      if target is None:
+        continue
+      row = scores[j]
+      beaten = row > row[target]
+      if seen is not None:
+        skip = [index[s] for s in seen[event] if s in index]
+        beaten[skip] = False
+      ranks[start + j] = int(beaten.sum())
+  return ranks
+
+
+def _recall(ranks: np.ndarray) -> dict[str, Optional[float]]:
+  return {str(k): v for k, v in recall.recall_at(ranks, KS).items()}
+
+
+def score_day(trainer: Trainer, data_root: str, day: dt.date, previous: dt.date,
+              interactions: records.TrainingInteractions, with_baselines: bool
+              ) -> dict[str, Any]:
+  """The daily job's evaluation of D (exact export and baselines) in memory."""
+  max_history = trainer.config.max_history
+  events = records.read_events(data_root, day, max_history)
+  _, corpus = corpus_lib.read_corpus(os.path.join(
+      workdir_lib.Workdir(data_root).data_dir(previous), corpus_lib.CORPUS_PATTERN))
+  training = interactions.before(data_root, day)
+  seen = records.seen_sets(events, training.seen)
+  targets = events["item_id"]
+  every = np.arange(len(targets))
+  novel = np.flatnonzero([t not in s for t, s in zip(targets.tolist(), seen)])
+  result = {"recall": {"all": {"exact": _recall(model_ranks(trainer, events, corpus, None,
+                                                            every))},
+                       "seen_excluded": {"exact": _recall(model_ranks(
+                           trainer, events, corpus, seen, novel))}},
+            "scored_events": {"all": len(every), "seen_excluded": len(novel)}}
+  if with_baselines:
+    items = corpus["item_id"]
+    counts = np.array([training.counts.get(i, 0) for i in items.tolist()], np.int64)
+    recent = np.array([training.recent.get(i, 0) for i in items.tolist()], np.int64)
+    history = events["history_item_ids"]
+    last = history[:, 0] if history.ndim == 2 and history.shape[1] else np.full(
+        len(targets), b"", object)
+    for mode, rows, excluded in (("all", every, None),
+                                 ("seen_excluded", novel, [seen[i] for i in novel])):
+      result["recall"][mode]["popularity"] = _recall(baselines.popularity_ranks(
+          items, counts, targets[rows], excluded))
+      result["recall"][mode]["covisitation"] = _recall(baselines.covisitation_ranks(
+          items, recent, training.covisits, last[rows], targets[rows], excluded))
+  return result
+
+
+def sweep_one(name: str, config: ModelConfig, data_root: str, out: str,
+              dates: Sequence[str], baselines_too: bool) -> dict[str, dict[str, Any]]:
+  """Test-then-train over `dates` with one config; {day: {"evaluate": ..., "train": ...}}."""
+  root = os.path.join(out, "sweep", name)
+  os.makedirs(root, exist_ok=True)
+  link = workdir_lib.Workdir(root).data_root
+  if not os.path.exists(link):
+    os.symlink(workdir_lib.Workdir(data_root).data_root, link)
+  trainer = Trainer(root, config)
+  interactions = records.TrainingInteractions()
+  days: dict[str, dict[str, Any]] = {}
+  start = time.perf_counter()
+  for i, name_of_day in enumerate(dates):
+    day = dt.date.fromisoformat(name_of_day)
+    days[name_of_day] = {}
+    if i > 0:
+      days[name_of_day]["evaluate"] = score_day(
+          trainer, data_root, day, dt.date.fromisoformat(dates[i - 1]), interactions,
+          baselines_too)
+    days[name_of_day]["train"] = trainer.train_day(day)
+    if i % 20 == 0 or i == len(dates) - 1:
+      print(f"{name} {i + 1}/{len(dates)} {name_of_day} {time.perf_counter() - start:.0f} s",
+            flush=True)
+  return days
+
+
+def main(argv: Sequence[str]) -> None:
+  out = os.path.join(quality._OUT.value, quality._DATASET.value)
+  raw, beam = quality._raw_logs(out)
+  dates = sorted(os.listdir(os.path.join(raw, "logs")))
+  halves = {"validation": dates[:len(dates) // 2], "test": dates[len(dates) // 2:]}
+  run_dates = halves["validation"] if quality._THROUGH.value == "validation" else dates
+  data_root = prepare(out, run_dates, raw, beam, argv[1:])
+  shared = json.loads(quality._OVERRIDES.value)
+  results: dict[str, Any] = {}
+  for n, (name, overrides) in enumerate(json.loads(quality._CONFIGS.value).items()):
+    config = ModelConfig.from_dict({**shared, **overrides})
+    start = time.perf_counter()
+    days = sweep_one(name, config, data_root, out, run_dates, baselines_too=n == 0)
+    results[name] = {"config": config.to_dict(),
+                     "seconds": round(time.perf_counter() - start, 1),
+                     **{half: quality.weighted_recall(days, names)
+                        for half, names in halves.items() if names[0] <= run_dates[-1]}}
+    print(name, json.dumps({h: results[name][h] for h in quality.HALVES
+                            if h in results[name]}), flush=True)
+  text = "\n\n".join(f"{half} half (in-memory exact ranks):\n\n"
+                     f"{quality.markdown(results, half)}"
+                     for half in quality.HALVES if any(half in r for r in results.values()))
+  print(text)
+  workdir_lib.write_json(os.path.join(out, "sweep", "sweep.json"), {
+      "results": results, "halves": halves, "tables": text,
+      "finished": dt.datetime.now().isoformat()})
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags_with_beam_options)
