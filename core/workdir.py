@@ -25,6 +25,7 @@ STATS = "stats.json"
 SUMMARY = "summary.json"
 SUMMARY_PLOT = "summary.png"
 METRICS = "metrics.json"
+EVAL_STATE = "interactions.npz"
 
 
 def partition_name(day: dt.date) -> str:
@@ -121,6 +122,16 @@ class Workdir:
   def run_logs_dir(self) -> str:
     """W/run_logs: one full log file per run of an app."""
     return self.join("run_logs")
+
+  @property
+  def eval_state_dir(self) -> str:
+    """W/state/evaluation: the evaluation's running totals of the earlier days."""
+    return self.join("state", "evaluation")
+
+  @property
+  def eval_state_path(self) -> str:
+    """W/state/evaluation/interactions.npz (evaluation/records.py, TrainingInteractions)."""
+    return self.join("state", "evaluation", EVAL_STATE)
 
 
 def partition_dates(root: str) -> list[dt.date]:

@@ -2,11 +2,14 @@
 
   python -m evaluation.evaluate --workdir=W --date=YYYY-MM-DD \
       [--scann_export=W/exports/retrieval_scann/7 --exact_export=...]
+  python -m evaluation.evaluate --workdir=W --date=YYYY-MM-DD --plot_only
 
 Scores the exports on day D's events and writes W/eval/D/metrics.json and
 recall.png; by default both variants of the newest version labelled with a day
 before D (serving.versions.exports_before). Prints the recall figures as JSON; a
-day that cannot be evaluated fails with one line and exit status 2.
+day that cannot be evaluated fails with one line and exit status 2. With
+--plot_only it only draws recall.png from the day's metrics.json (a day evaluated
+without its plot).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ _SCANN_EXPORT = flags.DEFINE_string(
     "with a day before --date).")
 _EXACT_EXPORT = flags.DEFINE_string(
     "exact_export", None, "Exact export to score (default: as for --scann_export).")
+_PLOT_ONLY = flags.DEFINE_bool(
+    "plot_only", False, "Score nothing: draw W/eval/D/recall.png from the day's "
+    "metrics.json.")
 
 # Errors of a day that cannot be evaluated as asked: one line, the log names the rest.
 _EXPECTED_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError)
@@ -41,6 +47,9 @@ def main(argv: Sequence[str]) -> None:
   try:
     cli.no_arguments(argv)
     workdir, day = cli.workdir(_WORKDIR.value), cli.parse_day(_DATE.value)
+    if _PLOT_ONLY.value:
+      print(evaluator.plot_day(workdir, day))
+      return
     scann_dir, exact_dir = _SCANN_EXPORT.value, _EXACT_EXPORT.value
     if not scann_dir or not exact_dir:
       default = versions.exports_before(workdir, day) or (None, None)

@@ -26,7 +26,13 @@ whose target is its item_id. Through each export's `retrieve` signature:
 
 Targets outside the export's corpus count as misses (fresh items the export does
 not know). `evaluate_day` is `compute_metrics` then `write_metrics`
-(W/eval/D/metrics.json and W/eval/D/recall.png).
+(W/eval/D/metrics.json and, unless told not to, W/eval/D/recall.png; `plot_day`
+draws the plot later from metrics.json).
+
+What the days before D contribute (counts, seen items, co-visitation) is a running
+total that each day extends, persisted in W/state/evaluation and rebuilt from
+W/data when it does not match it (records.TrainingInteractions): a day's
+evaluation costs the same on day 200 as on day 2, in a new process too.
 """
 
 from __future__ import annotations
@@ -67,7 +73,8 @@ class EvaluationState:
     exports: the exports loaded last; give it an ExportState's `published` to
       score the export made the day before without loading it again.
     interactions: the running total of the training interactions (item counts,
-      seen items, co-visitation counts, the recent days' counts).
+      seen items, co-visitation counts, the recent days' counts), also persisted in
+      the workdir, so a fresh one resumes from there.
   """
   exports: exporter.LoadedExports = dataclasses.field(
       default_factory=exporter.LoadedExports)
@@ -76,8 +83,7 @@ class EvaluationState:
 
 
 def retrieve_ranks(loaded: tf.Module, events: dict[str, np.ndarray], rows: np.ndarray,
-                   k: int, exclusions: Optional[list[frozenset[bytes]]] = None
-                   ) -> np.ndarray:
+                   k: int, exclusions: Optional[records.SeenItems] = None) -> np.ndarray:
   """Rank of each selected event's target in the export's top k (recall.MISS if absent).
 
   Args:
@@ -85,21 +91,17 @@ def retrieve_ranks(loaded: tf.Module, events: dict[str, np.ndarray], rows: np.nd
     events: day features (QUERY_FEATURES and item_id), [num_events, ...].
     rows: which events to score.
     k: items to retrieve.
-    exclusions: per event (indexed like `events`), ids the export must leave out.
+    exclusions: each event's seen items (indexed like `events`), which the export
+      must leave out (None: nothing).
   """
   signature = loaded.signatures[servable.RETRIEVE]
   ranks = np.full(len(rows), recall.MISS, np.int64)
-  if exclusions is None:
-    exclusions = [frozenset()] * len(events["item_id"])
   for start in range(0, len(rows), _BATCH):
     batch = rows[start:start + _BATCH]
     inputs = {name: tf.constant(events[name][batch])
               for name in features_lib.QUERY_FEATURES}
-    excluded = [list(exclusions[i]) for i in batch]
-    width = max((len(e) for e in excluded), default=0)
-    matrix = np.full((len(batch), width), b"", object)
-    for j, items in enumerate(excluded):
-      matrix[j, :len(items)] = items
+    matrix = (exclusions.matrix(batch) if exclusions is not None
+              else np.zeros((len(batch), 0), object))
     out = signature(**inputs, k=tf.constant(k, tf.int32),
                     exclude_item_ids=tf.constant(matrix, tf.string, shape=matrix.shape))
     ranks[start:start + len(batch)] = recall.hit_ranks(out["item_ids"].numpy(),
@@ -126,39 +128,70 @@ def _query_items(events: dict[str, np.ndarray]) -> np.ndarray:
   return history[:, 0]
 
 
-def _score(loaded: Mapping[str, tf.Module], events: dict[str, np.ndarray],
-           seen: list[frozenset[bytes]], novel_rows: np.ndarray, corpus: np.ndarray,
-           corpus_counts: np.ndarray, training: records.TrainingInteractions,
-           k: int) -> Ranks:
+@dataclasses.dataclass
+class _Day:
+  """Day D's events against the corpus: positions are corpus positions (-1: outside)."""
+  events: dict[str, np.ndarray]
+  seen: records.SeenItems
+  novel_rows: np.ndarray
+  corpus: np.ndarray
+  corpus_counts: np.ndarray
+  targets: np.ndarray     # corpus position of each event's target
+  seen_items: np.ndarray  # corpus position of each of `seen`'s names
+
+  @classmethod
+  def of(cls, events: dict[str, np.ndarray], corpus: np.ndarray,
+         training: records.TrainingInteractions) -> "_Day":
+    seen = records.SeenItems.of(events, training)
+    position = {item: j for j, item in enumerate(corpus.tolist())}
+    seen_items = np.array([position.get(i, -1) for i in seen.names.tolist()], np.int64)
+    return cls(events=events, seen=seen, novel_rows=seen.novel_rows(), corpus=corpus,
+               corpus_counts=training.counts_of(corpus.tolist()),
+               targets=seen_items[seen.target], seen_items=seen_items)
+
+  def seen_pairs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position in `rows`, corpus position) of the seen items of the events `rows`."""
+    at, items = self.seen.pairs(rows)
+    return at, self.seen_items[items]
+
+
+def _score(loaded: Mapping[str, tf.Module], day: _Day,
+           training: records.TrainingInteractions, k: int) -> Ranks:
   """Target ranks of every export and of the baselines, in both modes."""
-  targets = events["item_id"]
+  events, novel_rows, corpus = day.events, day.novel_rows, day.corpus
   ranks: Ranks = {"all": {}, "seen_excluded": {}}
   for name, model in loaded.items():
-    ranks["all"][name] = retrieve_ranks(model, events, np.arange(len(targets)), k)
-    ranks["seen_excluded"][name] = retrieve_ranks(model, events, novel_rows, k, seen)
-  queries = _query_items(events)
-  recent_counts = np.array([training.recent.get(i, 0) for i in corpus.tolist()], np.int64)
-  baseline_ranks = {  # (event rows, their seen sets or None) -> ranks
-      "popularity": lambda rows, excluded: baselines.popularity_ranks(
-          corpus, corpus_counts, targets[rows], excluded),
-      "covisitation": lambda rows, excluded: baselines.covisitation_ranks(
-          corpus, recent_counts, training.covisits, queries[rows], targets[rows],
-          excluded),
+    ranks["all"][name] = retrieve_ranks(model, events, np.arange(len(day.targets)), k)
+    ranks["seen_excluded"][name] = retrieve_ranks(model, events, novel_rows, k, day.seen)
+  popular = baselines.counts_order_places(corpus, day.corpus_counts)
+  recent = baselines.counts_order_places(corpus, training.recent_of(corpus.tolist()))
+  # The co-visited items of each distinct query item, as corpus positions.
+  slots: dict[bytes, int] = {}
+  query_slots = np.array([slots.setdefault(q, len(slots)) if q else -1
+                          for q in _query_items(events).tolist()], np.int64)
+  cov_slots, cov_items, cov_counts = training.covisits_of(training.items.get(list(slots)))
+  cov_items = day.seen_items[cov_items]  # seen's names start with the training items
+  baseline_ranks = {  # event rows -> ranks
+      "popularity": lambda rows, seen: baselines.popularity_ranks_at(
+          popular, day.targets[rows], *seen),
+      "covisitation": lambda rows, seen: baselines.covisitation_ranks_at(
+          recent, query_slots[rows], cov_slots, cov_items, cov_counts, day.targets[rows],
+          *seen),
   }
+  nothing = (np.zeros(0, np.int64), np.zeros(0, np.int64))
   for method, rank in baseline_ranks.items():
-    ranks["all"][method] = rank(np.arange(len(targets)), None)
-    ranks["seen_excluded"][method] = rank(novel_rows, [seen[i] for i in novel_rows])
+    ranks["all"][method] = rank(np.arange(len(day.targets)), nothing)
+    ranks["seen_excluded"][method] = rank(novel_rows, day.seen_pairs(novel_rows))
   return ranks
 
 
-def _by_decile(ranks: Ranks, corpus: np.ndarray, corpus_counts: np.ndarray,
-               targets: np.ndarray, novel_rows: np.ndarray, ks: Sequence[int]
-               ) -> dict[str, Any]:
+def _by_decile(ranks: Ranks, day: _Day, ks: Sequence[int]) -> dict[str, Any]:
   """The "by_popularity_decile" entry: each decile's items and events, and recall."""
-  corpus_deciles = baselines.popularity_deciles(corpus, corpus_counts)
-  decile_of = dict(zip(corpus.tolist(), corpus_deciles))
-  target_decile = np.array([decile_of.get(t, -1) for t in targets.tolist()])
-  of_rows = {"all": target_decile, "seen_excluded": target_decile[novel_rows]}
+  corpus_counts = day.corpus_counts
+  corpus_deciles = baselines.popularity_deciles(day.corpus, corpus_counts)
+  target_decile = np.where(day.targets >= 0, corpus_deciles[np.maximum(day.targets, 0)]
+                           if len(corpus_deciles) else -1, -1)
+  of_rows = {"all": target_decile, "seen_excluded": target_decile[day.novel_rows]}
   return {
       "deciles": [{
           "decile": d,
@@ -209,63 +242,76 @@ def compute_metrics(workdir: str, day: datetime.date, exports: Mapping[str, str]
   corpus = loaded["exact" if "exact" in loaded else "scann"].item_ids.numpy()
   k = min([max(KS)] + [m["max_k"] for m in meta.values()])
   ks = [c for c in KS if c <= k] or [k]
+  training = state.interactions.before(workdir, day)
   events = records.read_events(workdir, day,
                                next(iter(meta.values()))["config"]["max_history"])
+  training.remember(day, events)
   if len(events["item_id"]) == 0:
     raise ValueError(f"{workdir_lib.Workdir(workdir).data_dir(day)}: no events to evaluate")
   logging.info("scoring %s on %d events of %s", sorted(exports.values()),
                len(events["item_id"]), day)
-  training = state.interactions.before(workdir, day)
-  seen = records.seen_sets(events, training.seen)
-  targets = events["item_id"]
-  novel_rows = np.flatnonzero([t not in s for t, s in zip(targets.tolist(), seen)])
-  corpus_counts = np.array([training.counts.get(i, 0) for i in corpus.tolist()], np.int64)
-  ranks = _score(loaded, events, seen, novel_rows, corpus, corpus_counts, training, k)
-  in_corpus = set(corpus.tolist())
+  scored = _Day.of(events, corpus, training)
+  ranks = _score(loaded, scored, training, k)
   metrics = {
       "day": day.isoformat(),
-      "num_events": len(targets),
-      "num_events_seen_excluded": len(novel_rows),
+      "num_events": len(scored.targets),
+      "num_events_seen_excluded": len(scored.novel_rows),
       "ks": ks,
       "exports": {name: {"dir": path, "version": meta[name]["version"],
                          "exported_from_day": meta[name]["day"],
                          "ann_recall_at_10": meta[name]["ann"]["recall_at_10"]}
                   for name, path in exports.items()},
       "corpus_size": int(len(corpus)),
-      "target_in_corpus": float(np.mean([t in in_corpus for t in targets.tolist()])),
+      "target_in_corpus": float(np.mean(scored.targets >= 0)),
       "training_days": training.day_names,
-      "num_training_events": int(sum(training.counts.values())),
+      "num_training_events": training.num_events,
       "recent_days": training.recent_day_names,
       **_recall_figures(ranks, ks, k),
-      "by_popularity_decile": _by_decile(ranks, corpus, corpus_counts, targets,
-                                         novel_rows, ks),
+      "by_popularity_decile": _by_decile(ranks, scored, ks),
   }
   return metrics
 
 
-def write_metrics(workdir: str, day: datetime.date, metrics: Mapping[str, Any]
-                  ) -> tuple[str, str]:
-  """Writes W/eval/D/metrics.json and W/eval/D/recall.png (each atomically).
+def write_metrics(workdir: str, day: datetime.date, metrics: Mapping[str, Any],
+                  plot: bool = True) -> tuple[str, Optional[str]]:
+  """Writes W/eval/D/metrics.json and, with `plot`, W/eval/D/recall.png (atomically).
 
   Returns:
-    (the metrics path, the plot path).
+    (the metrics path, the plot path or None).
   """
   directory = workdir_lib.Workdir(workdir).eval_dir(day)
   path = workdir_lib.write_json(os.path.join(directory, workdir_lib.METRICS), metrics,
                                 indent=2, sort_keys=True)
-  return path, plots.plot_recall(metrics, os.path.join(directory, PLOT_FILE))
+  return path, plots.plot_recall(metrics, os.path.join(directory, PLOT_FILE)) if plot else None
+
+
+def plot_day(workdir: str, day: datetime.date) -> str:
+  """Draws W/eval/D/recall.png from W/eval/D/metrics.json (a day evaluated without
+  its plot); returns its path.
+
+  Raises:
+    FileNotFoundError: day D has no metrics.json.
+  """
+  directory = workdir_lib.Workdir(workdir).eval_dir(day)
+  path = os.path.join(directory, workdir_lib.METRICS)
+  if not workdir_lib.exists(path):
+    raise FileNotFoundError(f"{path}: no metrics: {day} was not evaluated")
+  return plots.plot_recall(workdir_lib.read_json(path), os.path.join(directory, PLOT_FILE))
 
 
 def evaluate_day(workdir: str, day: datetime.date, scann_dir: Optional[str],
-                 exact_dir: Optional[str], state: Optional[EvaluationState] = None
-                 ) -> dict[str, Any]:
+                 exact_dir: Optional[str], state: Optional[EvaluationState] = None,
+                 plot: bool = True) -> dict[str, Any]:
   """Scores the exports on day D's events; writes W/eval/D/metrics.json and recall.png.
 
   Args:
     workdir: the workdir.
     day: the day whose events are scored (not yet trained on).
     scann_dir, exact_dir: export version directories; either may be None, not both.
-    state: what the caller keeps between days (None: a fresh one).
+    state: what the caller keeps between days (None: a fresh one; the training
+      interactions persist in the workdir either way).
+    plot: draw W/eval/D/recall.png. It costs more than the rest of the evaluation
+      (matplotlib), and `plot_day` draws it later from metrics.json.
 
   Returns:
     The metrics written to metrics.json (see the module docstring).
@@ -278,6 +324,6 @@ def evaluate_day(workdir: str, day: datetime.date, scann_dir: Optional[str],
   if not exports:
     raise ValueError("evaluate_day needs at least one export directory")
   metrics = compute_metrics(workdir, day, exports, state or EvaluationState())
-  write_metrics(workdir, day, metrics)
+  write_metrics(workdir, day, metrics, plot=plot)
   logging.info("evaluated %s: %s", day, json.dumps(metrics["recall"]))
   return metrics

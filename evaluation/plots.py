@@ -59,7 +59,9 @@ def plot_recall(metrics: Mapping[str, Any], path: str) -> str:
            title=f"Recall@{k} by popularity decile, {_MODES[mode][0]}")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-  fig.tight_layout()
+  # Fixed margins, not tight_layout: that lays every label out twice, and took a third
+  # of the time of a day's figure.
+  fig.subplots_adjust(left=0.045, right=0.995, bottom=0.17, top=0.93, wspace=0.17)
   return write_png(fig, path)
 
 

@@ -252,8 +252,8 @@ def test_training_interactions_are_a_running_total_rebuilt_when_a_day_changes(
     tl.write_records(os.path.join(tl.day_dir(workdir, day), "examples-00.tfrecord.gz"),
                      [tl.event_row(f"e{n}", f"u{n}", "a"), tl.event_row(f"f{n}", "u", "b")])
   read = []
-  real = records.corpus_lib.read_columns
-  monkeypatch.setattr(records.corpus_lib, "read_columns",
+  real = records.read_columns
+  monkeypatch.setattr(records, "read_columns",
                       lambda files, *a, **k: read.extend(files) or real(files, *a, **k))
   total = records.TrainingInteractions()
   assert total.before(workdir, days[1]).day_names == [days[0].isoformat()]
