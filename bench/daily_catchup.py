@@ -1,17 +1,28 @@
-r"""Fixed cost per day of a daily-job catch-up over tiny days (issue 7, "Catch-up").
+r"""A day's fixed cost over a daily-job catch-up of tiny days, this tree against another.
 
 Generates `--days` synthetic days of `--events_per_day` events (default 200 x 500,
-MovieLens-100K's shape), then catches them all up with `pipeline.daily_job.run` in
-this one process, from a fresh workdir. On days this small almost nothing scales
-with the data, so a day's wall time is its fixed cost: Beam start-up, restore,
-tracing, checkpoint and SavedModel writes, evaluation set-up. The table gives the
-mean and median seconds of each step (from the manifest's step records), the
-training compute proper (examples / the trainer's examples/s), and the fixed cost
-per day = day total - training compute. Medians resist the noise of a shared
-machine; the first day is reported apart (it traces and builds everything).
+MovieLens-100K's shape), then catches them up from a fresh workdir, one day at a
+time, in one worker process per code tree: this tree, and `--old_tree` (e.g. the
+committed tree, `git archive HEAD | tar -x -C /tmp/OLD`) run with its own
+PYTHONPATH. Each worker keeps one `DailyJob` for the whole catch-up, as
+`pipeline.daily` does for a range; the trees take turns day by day (which one goes
+first alternates), so a change in the machine's load falls on both alike.
 
-  python bench/daily_catchup.py --out=/tmp/catchup
-  python bench/daily_catchup.py --out=/tmp/catchup --days=20 --profile
+On days this small almost nothing scales with the data, so a day's wall time is its
+fixed cost: Beam start-up, restore, tracing, checkpoint and SavedModel writes,
+evaluation set-up, the report. The tables give, per tree, the median seconds of
+each step (the manifest's step records) and of the day (its steps, and the worker's
+wall and CPU seconds for the whole day, manifest and lock included), the training
+compute proper (examples / the trainer's examples/s), and new / old; then the
+flatness: the median day of the first and of the last `--window` days (20, or less
+so that they do not overlap), and last / first. Medians resist the noise of a shared
+machine; the first day, which traces and builds everything, is reported apart.
+
+  python bench/daily_catchup.py --old_tree=/tmp/OLD --days=200
+  python bench/daily_catchup.py --old_tree=/tmp/OLD --days=30 --out=/tmp/catchup
+  python bench/daily_catchup.py --days=20 --profile=1   # this tree alone, profiled
+
+Flags are plain --name=value (no absl: a worker must import only its own tree).
 """
 
 from __future__ import annotations
@@ -19,41 +30,115 @@ from __future__ import annotations
 import cProfile
 import datetime as dt
 import io
+import json
 import os
 import pstats
 import shutil
 import statistics
+import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
-from absl import app
-from absl import flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from core import cli  # noqa: E402
-from core import workdir as workdir_lib  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from pipeline import daily_job  # noqa: E402
-from pipeline import synthetic_world  # noqa: E402
-
-_OUT = flags.DEFINE_string("out", "/tmp/towerstream_catchup", "Output root.")
-_DAYS = flags.DEFINE_integer("catchup_days", 200, "Days to catch up.")
-_EVENTS = flags.DEFINE_integer("catchup_events_per_day", 500, "Events per day.")
-_USERS = flags.DEFINE_integer("catchup_users", 943, "Synthetic users.")
-_ITEMS = flags.DEFINE_integer("catchup_items", 1682, "Items cataloged before day 1.")
-_NEW_ITEMS = flags.DEFINE_integer("catchup_new_items_per_day", 5, "Items born a day.")
-_BATCH = flags.DEFINE_integer("catchup_batch_size", 128, "Training batch size.")
-_PROFILE = flags.DEFINE_bool("profile", False, "cProfile the catch-up; print the top.")
-
-STEPS = daily_job.STEPS
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ("beam", "evaluate", "train", "export", "report")
+_DEFAULTS = {
+    "out": "/tmp/towerstream_catchup", "days": "200", "events_per_day": "500",
+    "users": "943", "items": "1682", "new_items_per_day": "5", "batch_size": "128",
+    "old_tree": "", "new_tree": _REPO, "window": "20", "profile": "0",
+}
 
 
-def _stats(values: Sequence[float]) -> dict[str, float]:
-  if not values:
-    return {"mean": float("nan"), "median": float("nan"), "max": float("nan")}
-  return {"mean": statistics.fmean(values), "median": statistics.median(values),
-          "max": max(values)}
+def _flags(argv: Sequence[str], defaults: dict[str, str]) -> dict[str, str]:
+  """--name=value arguments over `defaults`; an unknown name is an error."""
+  values = dict(defaults)
+  for arg in argv:
+    name, _, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+    if name not in defaults or "=" not in arg:
+      raise SystemExit(f"error: unknown or malformed argument {arg!r}; flags: "
+                       f"{', '.join('--' + n for n in defaults)}")
+    values[name] = value
+  return values
+
+
+def worker(tree: str, raw: str, workdir: str, batch_size: int,
+           profile_to: Optional[str]) -> None:
+  """Runs the daily job of `tree`, one day per line read from stdin ("YYYY-MM-DD").
+
+  Answers each day with one JSON line: the day's manifest records and the day's wall
+  and CPU seconds. Anything else the libraries print goes to stderr.
+  """
+  sys.path.insert(0, tree)
+  answers = os.fdopen(os.dup(1), "w")
+  os.dup2(2, 1)
+  from core import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from pipeline import daily_job  # pylint: disable=g-import-not-at-top
+  from pipeline import workdir_lock  # pylint: disable=g-import-not-at-top
+  paths = workdir_lib.Workdir(workdir, os.path.join(raw, "logs"),
+                              os.path.join(raw, "catalog"))
+  profiler = cProfile.Profile() if profile_to else None
+  with workdir_lock.WorkdirLock(workdir):
+    job = daily_job.DailyJob(paths, config=ModelConfig(batch_size=batch_size))
+    for line in sys.stdin:
+      day = dt.date.fromisoformat(line.strip())
+      wall, cpu = time.perf_counter(), time.process_time()
+      if profiler:
+        profiler.enable()
+      record = job.run_day(day)
+      if profiler:
+        profiler.disable()
+      answers.write(json.dumps({
+          "day": day.isoformat(), "wall_s": time.perf_counter() - wall,
+          "cpu_s": time.process_time() - cpu, "steps": record}, default=str) + "\n")
+      answers.flush()
+  if profiler:
+    buffer = io.StringIO()
+    pstats.Stats(profiler, stream=buffer).sort_stats("cumulative").print_stats(80)
+    with open(profile_to, "w") as f:
+      f.write(buffer.getvalue())
+
+
+def run_trees(trees: dict[str, str], raw: str, out: str, batch_size: int,
+              profile: bool) -> dict[str, list[dict[str, Any]]]:
+  """Catches up every day of `raw` with each tree, the trees taking turns per day."""
+  dates = sorted(os.listdir(os.path.join(raw, "logs")))
+  workers = {}
+  for name, tree in trees.items():
+    workdir = os.path.join(out, f"workdir-{name}")
+    shutil.rmtree(workdir, ignore_errors=True)
+    command = [sys.executable, os.path.abspath(__file__), "--worker=1", f"--tree={tree}",
+               f"--raw={raw}", f"--workdir={workdir}", f"--batch_size={batch_size}"]
+    if profile and name == "new":
+      command.append(f"--profile_to={os.path.join(out, 'profile-new.txt')}")
+    workers[name] = subprocess.Popen(
+        command, cwd=tree, env={**os.environ, "PYTHONPATH": tree},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=open(os.path.join(out, f"worker-{name}.log"), "w"), text=True)
+  results: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+  try:
+    for i, day in enumerate(dates):
+      order = list(workers) if i % 2 == 0 else list(reversed(workers))
+      for name in order:
+        process = workers[name]
+        process.stdin.write(day + "\n")
+        process.stdin.flush()
+        answer = process.stdout.readline()
+        if not answer:
+          raise SystemExit(f"the {name} worker died on {day}; see "
+                           f"{os.path.join(out, f'worker-{name}.log')}")
+        results[name].append(json.loads(answer))
+      line = "  ".join(f"{name} {results[name][-1]['wall_s']:5.2f} s" for name in workers)
+      print(f"{day}  {line}", flush=True)
+  finally:
+    for process in workers.values():
+      process.stdin.close()
+      process.wait()
+  return results
+
+
+def _median(values: Sequence[float]) -> float:
+  return statistics.median(values) if values else float("nan")
 
 
 def _train_compute(record: dict[str, Any]) -> float:
@@ -62,80 +147,101 @@ def _train_compute(record: dict[str, Any]) -> float:
   return record.get("examples_this_run", 0) / rate if rate else 0.0
 
 
-def summarize(days: dict[str, dict[str, Any]], wall_s: float) -> dict[str, Any]:
-  """Per-step and per-day figures from the manifest's day records."""
-  ran = [steps for _, steps in sorted(days.items()) if "report" in steps]
-  rest = ran[1:] or ran  # The first day traces and builds everything: apart.
-  per_step = {step: _stats([d[step]["seconds"] for d in rest]) for step in STEPS}
-  totals = [sum(d[step]["seconds"] for step in STEPS) for d in rest]
-  compute = [_train_compute(d["train"]) for d in rest]
-  fixed = [t - c for t, c in zip(totals, compute)]
-  steps_s = sum(sum(d[step]["seconds"] for step in STEPS) for d in ran)
+def summarize(days: list[dict[str, Any]], window: int) -> dict[str, Any]:
+  """One tree's figures: medians over days 2.. and the first / last `window` days."""
+  rest = days[1:] or days
+  totals = [sum(d["steps"][step]["seconds"] for step in STEPS) for d in days]
+  compute = [_train_compute(d["steps"]["train"]) for d in days]
+  window = max(1, min(window, len(rest) // 2))
   return {
-      "days": len(ran),
-      "wall_s": wall_s,
-      "first_day_s": {step: ran[0][step]["seconds"] for step in STEPS} if ran else {},
-      "per_step_s": per_step,
-      "day_total_s": _stats(totals),
-      "train_compute_s": _stats(compute),
-      "fixed_per_day_s": _stats(fixed),
-      "outside_steps_s": wall_s - steps_s,
+      "days": len(days),
+      "first_day_s": {step: days[0]["steps"][step]["seconds"] for step in STEPS},
+      "step_median_s": {step: _median([d["steps"][step]["seconds"] for d in rest])
+                        for step in STEPS},
+      "day_median_s": _median(totals[1:] or totals),
+      "wall_median_s": _median([d["wall_s"] for d in rest]),
+      "cpu_median_s": _median([d["cpu_s"] for d in rest]),
+      "train_compute_median_s": _median(compute[1:] or compute),
+      "fixed_median_s": _median([t - c for t, c in zip(totals[1:], compute[1:])]
+                                or [totals[0] - compute[0]]),
+      "wall_total_s": sum(d["wall_s"] for d in days),
+      "window": window,
+      "first_window_median_s": _median([d["wall_s"] for d in rest[:window]]),
+      "last_window_median_s": _median([d["wall_s"] for d in rest[-window:]]),
   }
 
 
-def table(result: dict[str, Any]) -> str:
-  lines = [f"{result['days']} days x {result['events_per_day']} events, wall "
-           f"{result['wall_s']:.1f} s ({result['wall_s'] / max(result['days'], 1):.2f} "
-           f"s/day); days 2.. below, first day apart",
-           "| part | first day s | mean s | median s | max s |", "|---|---|---|---|---|"]
+def table(figures: dict[str, dict[str, Any]], events_per_day: int) -> str:
+  """Markdown tables of the figures; new / old where both trees ran."""
+  names = list(figures)
+  both = "old" in figures and "new" in figures
+  any_figures = figures[names[0]]
+  header = ("| seconds per day (median, days 2..) | "
+            + " | ".join(names) + (" | new / old |" if both else " |"))
+  lines = [f"{any_figures['days']} days x {events_per_day} events; the first day "
+           "apart (it traces and builds everything)", "", header,
+           "|---" * (len(names) + 1 + both) + "|"]
 
-  def row(name: str, stats: dict[str, float], first: Any = "") -> str:
-    first = f"{first:.2f}" if isinstance(first, float) else first
-    return (f"| {name} | {first} | {stats['mean']:.2f} | {stats['median']:.2f} | "
-            f"{stats['max']:.2f} |")
+  def row(label: str, values: list[float]) -> None:
+    ratio = f" | {values[names.index('new')] / values[names.index('old')]:.2f}" if (
+        both and values[names.index("old")]) else (" | -" if both else "")
+    lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + ratio + " |")
 
   for step in STEPS:
-    lines.append(row(step, result["per_step_s"][step], result["first_day_s"].get(step)))
-  lines.append(row("day total", result["day_total_s"]))
-  lines.append(row("train compute", result["train_compute_s"]))
-  lines.append(row("**fixed cost per day**", result["fixed_per_day_s"]))
-  lines.append(f"outside the steps (lock, manifest, listing): "
-               f"{result['outside_steps_s']:.1f} s in all")
+    row(step, [figures[n]["step_median_s"][step] for n in names])
+  row("**day, its steps**", [figures[n]["day_median_s"] for n in names])
+  row("day, wall (manifest and lock too)", [figures[n]["wall_median_s"] for n in names])
+  row("day, CPU (all threads)", [figures[n]["cpu_median_s"] for n in names])
+  row("train compute", [figures[n]["train_compute_median_s"] for n in names])
+  row("**fixed cost per day** (steps - train compute)",
+      [figures[n]["fixed_median_s"] for n in names])
+  row("first day (all steps)", [sum(figures[n]["first_day_s"].values()) for n in names])
+  row("catch-up wall, all days (minutes)", [figures[n]["wall_total_s"] / 60 for n in names])
+  window = any_figures["window"]
+  lines += ["", f"| flatness: day wall, median of {window} days | "
+            + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+  for label, key in ((f"first {window} (days 2..{window + 1})", "first_window_median_s"),
+                     (f"last {window}", "last_window_median_s")):
+    lines.append(f"| {label} | " + " | ".join(f"{figures[n][key]:.2f}" for n in names)
+                 + " |")
+  lines.append("| last / first | " + " | ".join(
+      f"{figures[n]['last_window_median_s'] / figures[n]['first_window_median_s']:.2f}"
+      for n in names) + " |")
   return "\n".join(lines)
 
 
 def main(argv: Sequence[str]) -> None:
-  out = _OUT.value
-  raw = os.path.join(out, f"raw-{_DAYS.value}x{_EVENTS.value}")
+  if "--worker=1" in argv:
+    values = _flags([a for a in argv if a != "--worker=1"], {
+        "tree": "", "raw": "", "workdir": "", "batch_size": "128", "profile_to": ""})
+    worker(values["tree"], values["raw"], values["workdir"], int(values["batch_size"]),
+           values["profile_to"] or None)
+    return
+  values = _flags(argv, _DEFAULTS)
+  out, days, events = values["out"], int(values["days"]), int(values["events_per_day"])
+  os.makedirs(out, exist_ok=True)
+  raw = os.path.join(out, f"raw-{days}x{events}")
   if not os.path.exists(os.path.join(raw, "catalog")):
+    sys.path.insert(0, _REPO)
+    from pipeline import synthetic_world  # pylint: disable=g-import-not-at-top
     synthetic_world.generate(raw, synthetic_world.WorldConfig(
-        days=_DAYS.value, events_per_day=_EVENTS.value, users=_USERS.value,
-        items=_ITEMS.value, new_items_per_day=_NEW_ITEMS.value, shards=1))
-  dates = sorted(os.listdir(os.path.join(raw, "logs")))
-  workdir = os.path.join(out, "workdir")
-  shutil.rmtree(workdir, ignore_errors=True)
-  config = ModelConfig(batch_size=_BATCH.value)
-  profiler = cProfile.Profile() if _PROFILE.value else None
-  start = time.perf_counter()
-  if profiler:
-    profiler.enable()
-  days = daily_job.run(
-      workdir_lib.Workdir(workdir, os.path.join(raw, "logs"), os.path.join(raw, "catalog")),
-      dt.date.fromisoformat(dates[0]), dt.date.fromisoformat(dates[-1]), config=config,
-      pipeline_args=argv[1:])
-  if profiler:
-    profiler.disable()
-  wall = time.perf_counter() - start
-  result = {**summarize(days, wall), "events_per_day": _EVENTS.value,
-            "config": config.to_dict()}
-  text = table(result)
+        days=days, events_per_day=events, users=int(values["users"]),
+        items=int(values["items"]), new_items_per_day=int(values["new_items_per_day"]),
+        shards=1))
+  trees = {"new": os.path.abspath(values["new_tree"])}
+  if values["old_tree"]:
+    trees["old"] = os.path.abspath(values["old_tree"])
+  results = run_trees(trees, raw, out, int(values["batch_size"]), values["profile"] == "1")
+  figures = {name: summarize(days_, int(values["window"]))
+             for name, days_ in results.items()}
+  text = table(figures, events)
   print(text)
-  if profiler:
-    buffer = io.StringIO()
-    pstats.Stats(profiler, stream=buffer).sort_stats("cumulative").print_stats(60)
-    print(buffer.getvalue())
-  workdir_lib.write_json(os.path.join(out, "daily_catchup.json"), {**result, "table": text})
+  with open(os.path.join(out, "daily_catchup.json"), "w") as f:
+    json.dump({"flags": values, "figures": figures, "table": text, "days": results}, f,
+              indent=1)
+  if values["profile"] == "1":
+    print(f"profile of the new tree: {os.path.join(out, 'profile-new.txt')}")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags_with_beam_options)
+  main(sys.argv[1:])

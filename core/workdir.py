@@ -84,6 +84,14 @@ class Workdir:
     return self.join("state", "history", partition_name(day))
 
   @property
+  def catalog_state_root(self) -> str:
+    return self.join("state", "catalog")
+
+  def catalog_state_dir(self, day: dt.date) -> str:
+    """W/state/catalog/D: the corpus after day D, one catalog line per item."""
+    return self.join("state", "catalog", partition_name(day))
+
+  @property
   def config_path(self) -> str:
     return self.join(CONFIG)
 

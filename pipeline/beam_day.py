@@ -3,8 +3,10 @@ corpus, dead letters, stats and the users' carried histories (docs/design.md, "T
 day, as data flows"). Its app is `pipeline.logs_to_tfrecords`; the daily job calls
 `run_day` itself.
 
-`run_day` reads `logs`/D (default W/logs/D), every `catalog` partition dated up to
-D (default W/catalog) and the history state of the latest earlier day. Writes
+`run_day` reads `logs`/D (default W/logs/D), the catalog state of the latest earlier
+day and the `catalog` partitions dated after it up to D (default W/catalog; every
+partition up to D when there is no usable state, see pipeline.catalog_state), and
+the history state of the latest earlier day. Writes
     W/data/D/examples-HH.tfrecord.gz        24 files; name order, then record order,
                                             is (timestamp, event_id) order
     W/data/D/corpus-SSSSS-of-NNNNN.tfrecord.gz
@@ -12,12 +14,13 @@ D (default W/catalog) and the history state of the latest earlier day. Writes
     W/data/D/stats.json                     input lines == examples + duplicates +
                                             dead letters, overall and per file
     W/state/history/D/                      see pipeline.history
+    W/state/catalog/D/                      the corpus, see pipeline.catalog_state
 Files in subfolders of a partition, and dangling symbolic links, fail the day before
 anything runs (they would not be read). Each event's history holds only its user's
-items strictly earlier than it (see pipeline.history). Both directories are built
-under temporary names (W/data/.tmp-D-<id>, with the sort's scratch runs in
+items strictly earlier than it (see pipeline.history). The three directories are
+built under temporary names (W/data/.tmp-D-<id>, with the sort's scratch runs in
 W/data/.tmp-D-<id>-runs) and moved into place only after the whole pipeline has
-succeeded, the state first: W/data/D/stats.json existing means the day is complete.
+succeeded, the states first: W/data/D/stats.json existing means the day is complete.
 A crashed attempt's temporaries are removed by the next run. A re-run of a day
 gives the same bytes.
 
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
 import json
 from typing import Any, Optional, Sequence
 
@@ -44,6 +46,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from core import workdir as workdir_lib
 from models import features
+from pipeline import catalog_state
 from pipeline import history
 from pipeline import io
 from pipeline import parse
@@ -103,11 +106,14 @@ class DayPlan:
   settings: BeamSettings
   logs_pattern: str
   catalog_pattern: str
+  catalog: catalog_state.CatalogPlan
   previous_state: Optional[str]
   data_dir: str
   state_dir: str
+  catalog_state_dir: str
   data_tmp: str
   state_tmp: str
+  catalog_state_tmp: str
   scratch_dir: str
 
   def context(self) -> dict[str, Any]:
@@ -116,6 +122,7 @@ class DayPlan:
         "day": workdir_lib.partition_name(self.day),
         "logs": self.logs_pattern,
         "catalog": self.catalog_pattern,
+        "previous_catalog_state": self.catalog.previous_state,
         "previous_history_state": self.previous_state,
         "max_skew_s": self.settings.max_skew_s,
         "max_history": self.settings.max_history,
@@ -141,32 +148,32 @@ def plan_day(day: dt.date, workdir: str, settings: BeamSettings,
   logs_pattern = FileSystems.join(paths.logs_dir(day), "*")
   if not io.partition_inputs(paths.logs_dir(day)):
     raise FileNotFoundError(f"no log files for {day}: nothing matches {logs_pattern}")
-  for earlier in workdir_lib.partition_dates(paths.catalog):
-    if earlier <= day:
-      io.partition_inputs(paths.catalog_dir(earlier))
+  catalog = catalog_state.plan(paths, day)
   previous = history.previous_state(paths, day, settings.allow_missing_history)
   data_tmp = io.temp_dir(paths.data_dir(day))
+  catalog_dir = catalog_state.state_dir(paths, day)
   return DayPlan(
       day=day, settings=settings, logs_pattern=logs_pattern,
-      catalog_pattern=FileSystems.join(paths.catalog, "*", "*"),
+      catalog_pattern=FileSystems.join(paths.catalog, "*", "*"), catalog=catalog,
       previous_state=previous, data_dir=paths.data_dir(day),
-      state_dir=paths.history_dir(day), data_tmp=data_tmp,
-      state_tmp=io.temp_dir(paths.history_dir(day)), scratch_dir=f"{data_tmp}-runs")
+      state_dir=paths.history_dir(day), catalog_state_dir=catalog_dir,
+      data_tmp=data_tmp, state_tmp=io.temp_dir(paths.history_dir(day)),
+      catalog_state_tmp=io.temp_dir(catalog_dir), scratch_dir=f"{data_tmp}-runs")
 
 
 def build_day(p: beam.Pipeline, plan: DayPlan) -> None:
-  """Adds the day's transforms to `p`; running `p` fills plan.data_tmp and plan.state_tmp."""
+  """Adds the day's transforms to `p`; running `p` fills plan.data_tmp, plan.state_tmp
+  and plan.catalog_state_tmp (all but the states' summaries, which `run_day` writes)."""
   settings = plan.settings
   logs = (p
-          | "LogFiles" >> beam.Create([plan.logs_pattern])
+          | "LogFiles" >> io.Values([plan.logs_pattern])
           | "ReadLogs" >> io.ReadLines(allow_empty=False))
   parsed = logs.lines | "ParseEvents" >> parse.ParseEvents(plan.day, settings.max_skew_s)
   unique = parsed.events | "Dedupe" >> parse.DedupeEvents()
 
   catalog = (p
-             | "CatalogFiles" >> beam.Create([plan.catalog_pattern])
-             | "ReadCatalog" >> io.ReadLines(file_filter=functools.partial(
-                 parse.catalog_file_up_to, workdir_lib.partition_name(plan.day))))
+             | "CatalogFiles" >> io.Values(plan.catalog.patterns)
+             | "ReadCatalog" >> io.ReadLines())
   items = catalog.lines | "ParseCatalog" >> parse.ParseCatalog()
   corpus = items.items | "Corpus" >> parse.LatestCatalog()
 
@@ -200,8 +207,11 @@ def build_day(p: beam.Pipeline, plan: DayPlan) -> None:
               parse.WriteDeadLetters(plan.data_tmp, "dead_letter-catalog",
                                      plan.scratch_dir)),
       written("Histories", stats.OUT_HISTORIES, histories[history.STATE],
-              history.WriteHistories(plan.state_tmp, plan.day, settings.max_history,
-                                     plan.scratch_dir, settings.history_shards)),
+              history.WriteHistories(plan.state_tmp, plan.scratch_dir,
+                                     settings.history_shards)),
+      written("CatalogState", stats.OUT_CATALOG_STATE, corpus,
+              catalog_state.WriteCatalogState(plan.catalog_state_tmp, plan.scratch_dir,
+                                              settings.corpus_shards)),
       logs[io.LINE_COUNTS] | "CountLines" >> beam.Map(stats.line_counts(stats.LINES)),
       catalog[io.LINE_COUNTS] | "CountCatalogLines" >> beam.Map(
           stats.line_counts(stats.CATALOG_LINES)),
@@ -223,6 +233,28 @@ def build_day(p: beam.Pipeline, plan: DayPlan) -> None:
   _ = (counts
        | "AllCounts" >> beam.Flatten()
        | "Stats" >> stats.ComputeStats(plan.data_tmp, plan.context()))
+
+
+class _ViewCachingOptions(PipelineOptions):
+  """PipelineOptions that make each view (`view_as`) once per options class.
+
+  Beam asks the pipeline's options for a view about 900 times to build and run one
+  day (type checks ask at every step), and a fresh view parses the flags against
+  every option of its class: a fifth of the job's CPU on a small day. A view keeps
+  no values of its own (they live in `_all_options`, which all views share), so
+  one view per class answers them all. The cache is not copied or pickled.
+  """
+
+  def view_as(self, cls: type[Any]) -> Any:
+    views = self.__dict__.setdefault("_views", {})
+    if cls not in views:
+      views[cls] = super().view_as(cls)
+    return views[cls]
+
+  def __getstate__(self) -> dict[str, Any]:
+    state = dict(super().__getstate__())
+    state.pop("_views", None)
+    return state
 
 
 def _runner(options: PipelineOptions) -> Optional[FnApiRunner]:
@@ -252,26 +284,37 @@ def run_day(day: dt.date, workdir: str, settings: BeamSettings = BeamSettings(),
     stats.StatsMismatchError (inside Beam's error): a line was lost.
   """
   paths = _workdir(workdir, logs, catalog)
-  for final in (paths.data_dir(day), paths.history_dir(day)):
+  for final in (paths.data_dir(day), paths.history_dir(day),
+                catalog_state.state_dir(paths, day)):
     for stale in io.remove_stale_temp_dirs(final):
       logging.warning("removed %s, left by an earlier attempt", stale)
   plan = plan_day(day, workdir, settings, logs, catalog)
-  logging.info("%s: logs %s, history from %s", day, plan.logs_pattern,
-               plan.previous_state or "nothing")
-  options = PipelineOptions(list(pipeline_args))
+  logging.info("%s: logs %s, catalog from %s and %d partition(s), history from %s",
+               day, plan.logs_pattern, plan.catalog.previous_state or "nothing",
+               len(plan.catalog.partitions), plan.previous_state or "nothing")
+  options = _ViewCachingOptions(list(pipeline_args))
   published = False
   try:
     with beam.Pipeline(runner=_runner(options), options=options) as p:
       build_day(p, plan)
     if FileSystems.exists(plan.scratch_dir):
       FileSystems.delete([plan.scratch_dir])
+    # The states' summaries last: they make the states usable.
+    with FileSystems.open(FileSystems.join(plan.data_tmp, stats.STATS_FILE)) as f:
+      counted = json.loads(f.read())
+    history.write_summary(plan.state_tmp, day, counted["history_users"],
+                          settings.max_history, settings.history_shards)
+    catalog_state.write_summary(plan.catalog_state_tmp, day, counted["corpus_items"],
+                                settings.corpus_shards, plan.catalog.files)
+    io.publish(plan.catalog_state_tmp, plan.catalog_state_dir,
+               catalog_state.SUMMARY_FILE)
     io.publish(plan.state_tmp, plan.state_dir, history.SUMMARY_FILE)
     io.publish(plan.data_tmp, plan.data_dir, stats.STATS_FILE)
     published = True
   finally:
     if not published:
-      leftovers = [d for d in (plan.data_tmp, plan.state_tmp, plan.scratch_dir)
-                   if FileSystems.exists(d)]
+      leftovers = [d for d in (plan.data_tmp, plan.state_tmp, plan.catalog_state_tmp,
+                               plan.scratch_dir) if FileSystems.exists(d)]
       if leftovers:
         FileSystems.delete(leftovers)
   with FileSystems.open(paths.stats_path(day)) as f:

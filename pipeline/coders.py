@@ -57,6 +57,9 @@ class CatalogItemCoder(_FieldTupleCoder):
 beam.coders.registry.register_coder(schema.Event, EventCoder)
 beam.coders.registry.register_coder(schema.CatalogItem, CatalogItemCoder)
 
+# The one tag of `EncodedGroupByKey`'s values.
+_VALUES = "values"
+
 
 def _encode_tagged(element: tuple[str, Any], tag: str, coder: coders.Coder
                    ) -> tuple[str, tuple[str, bytes]]:
@@ -122,6 +125,12 @@ class EncodedGroupByKey(beam.PTransform):
   """(key, value) -> (key, values): GroupByKey with `EncodedCoGroupByKey`'s encoding."""
 
   def expand(self, pcoll):
-    return ({"values": pcoll}
-            | "CoGroup" >> EncodedCoGroupByKey()
-            | "Values" >> beam.Map(lambda kv: (kv[0], kv[1]["values"])))
+    key_type, value_type = trivial_inference.key_value_types(pcoll.element_type)
+    coder = beam.coders.registry.get_coder(value_type)
+    return (pcoll
+            | "Encode" >> beam.Map(_encode_tagged, _VALUES, coder).with_output_types(
+                Tuple[key_type, Tuple[str, bytes]])
+            | "Group" >> beam.GroupByKey()
+            | "Decode" >> beam.MapTuple(
+                lambda key, tagged: (key, _TaggedValues(tagged, _VALUES, coder)))
+            .with_output_types(Tuple[key_type, Iterable[value_type]]))

@@ -1,7 +1,7 @@
 """The daily job as a library: runs days, or catches up a range, end to end.
 
 For each day D, in order (test-then-train):
-  1. beam:     logs/D + catalog/<=D + state/history/D-1 -> data/D (Beam job);
+  1. beam:     logs/D + catalog/D + state/{catalog,history}/D-1 -> data/D (Beam job);
   2. evaluate: the newest export labelled with a day before D is scored on D's events;
   3. train:    one pass over data/D in time order, from the latest checkpoint;
   4. export:   a new ScaNN and exact export version from the trained model;
@@ -87,7 +87,7 @@ class DailyJob:
   """Runs days in order in one process, keeping the trainer (model, estimator) warm.
 
   It owns what lives from day to day: the trainer, the evaluation state (loaded
-  exports, interaction counts), the manifest. `progress`, when given, receives one
+  exports, interaction counts), the report's encoded rows, the manifest. `progress`, when given, receives one
   line per day and step (the apps print it).
   """
 
@@ -110,6 +110,7 @@ class DailyJob:
     # Exports published today are scored tomorrow: one cache serves both steps.
     self.exporting = exporter.ExportState()
     self.evaluation = evaluator.EvaluationState(exports=self.exporting.published)
+    self.reporting = report.Report(workdir)
     self._trainer: Optional[trainer_lib.Trainer] = None
 
   @property
@@ -261,7 +262,7 @@ class DailyJob:
             "ann_recall_at_10": result["metadata"]["ann"]["recall_at_10"]}
 
   def _report(self, day: dt.date) -> dict[str, Any]:
-    return report.update(self.workdir, self.manifest.days(), day)
+    return self.reporting.update(self.manifest.days(), day)
 
 
 def _summary(step: str, record: dict[str, Any]) -> str:

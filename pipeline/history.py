@@ -36,6 +36,7 @@ from pipeline import writers
 
 SUMMARY_FILE = "summary.json"
 SHARD_PREFIX = "part"
+_SHARD_SUFFIX = ".jsonl.gz"
 STATE = "state"
 USERS = "users"
 
@@ -130,9 +131,9 @@ class ReadHistories(beam.PTransform):
 
   def expand(self, begin):
     if self._directory is None:
-      return begin | "NoState" >> beam.Create([]).with_output_types(Tuple[str, History])
+      return begin | "NoState" >> io.Values([]).with_output_types(Tuple[str, History])
     read = (begin
-            | "Pattern" >> beam.Create([_shards(self._directory)])
+            | "Pattern" >> io.Values([_shards(self._directory)])
             | "Read" >> io.ReadLines(allow_empty=False))
     return read.lines | "Parse" >> beam.Map(parse_history_line).with_output_types(
         Tuple[str, History])
@@ -221,13 +222,13 @@ class AttachHistories(beam.PTransform):
                 STATE, USERS, main="events"))
 
 
-def _summary(written: list[tuple[str, int]], directory: str, day: dt.date,
-             max_history: int) -> tuple[str, int]:
-  users = sum(n for _, n in written)
+def write_summary(directory: str, day: dt.date, users: int, max_history: int,
+                  num_shards: int) -> None:
+  """summary.json of a state whose `num_shards` shards are written (by
+  `WriteHistories`): it makes the state usable."""
   writers.write_json(FileSystems.join(directory, SUMMARY_FILE), {
       "day": workdir_lib.partition_name(day), "users": users, "max_history": max_history,
-      "shards": sorted(name for name, _ in written)})
-  return SUMMARY_FILE, users
+      "shards": writers.shard_names(SHARD_PREFIX, num_shards, _SHARD_SUFFIX)})
 
 
 def _state_record(entry: tuple[str, History]) -> tuple[tuple[str], bytes]:
@@ -237,31 +238,19 @@ def _state_record(entry: tuple[str, History]) -> tuple[tuple[str], bytes]:
 
 
 class WriteHistories(beam.PTransform):
-  """(user_id, History) -> part-SSSSS-of-NNNNN.jsonl.gz + summary.json in `directory`.
+  """(user_id, History) -> part-SSSSS-of-NNNNN.jsonl.gz in `directory`.
 
-  Returns the written (shard, users) counts; summary.json comes after the shards.
+  Returns the written (shard, users) counts. summary.json is `write_summary`'s, once
+  the day's pipeline has succeeded.
   """
 
-  def __init__(self, directory: str, day: dt.date, max_history: int, scratch_dir: str,
-               num_shards: int = 4):
+  def __init__(self, directory: str, scratch_dir: str, num_shards: int = 4):
     super().__init__()
-    self._directory = directory
-    self._scratch_dir = scratch_dir
-    self._day = day
-    self._max_history = max_history
-    self._num_shards = num_shards
+    self._write = writers.WriteShardedByKey(directory, SHARD_PREFIX, num_shards,
+                                            _SHARD_SUFFIX, scratch_dir)
 
   def expand(self, state):
-    written = (
-        state
-        | "Serialize" >> beam.Map(_state_record)
-        | "Shards" >> writers.WriteShardedByKey(self._directory, SHARD_PREFIX,
-                                                self._num_shards, ".jsonl.gz",
-                                                self._scratch_dir))
-    _ = (written
-         | "Gather" >> beam.combiners.ToList()
-         | "Summary" >> beam.Map(_summary, self._directory, self._day, self._max_history))
-    return written
+    return state | "Serialize" >> beam.Map(_state_record) | "Shards" >> self._write
 
 
 def load_histories(workdir: str, day: dt.date, with_timestamps: bool = False

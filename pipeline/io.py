@@ -16,10 +16,9 @@ import os
 import posixpath
 import uuid
 import zlib
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Sequence, Tuple
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
@@ -216,14 +215,48 @@ def partition_inputs(directory: str) -> list[str]:
   return sorted(files)
 
 
+class Values(beam.PTransform):
+  """PBegin -> a PCollection of a few `values` known when the pipeline is built.
+
+  beam.Create costs two steps and, for more than one value, a reshuffle; these lists
+  (file patterns, shard names) are tiny, and every step costs the day's job time
+  to build, translate and start (bench/daily_catchup.py).
+  """
+
+  def __init__(self, values: Sequence[Any]):
+    super().__init__()
+    self._values = list(values)
+
+  def expand(self, begin):
+    values = self._values
+    return begin | "Impulse" >> beam.Impulse() | "Values" >> beam.FlatMap(
+        lambda _: values)
+
+
+def _match_paths(pattern: str, allow_empty: bool, file_filter: Callable[[str], bool]
+                 ) -> Iterator[tuple[str, None]]:
+  """A pattern -> (path, None) for every file it matches that `file_filter` keeps.
+
+  Raises:
+    FileNotFoundError: the pattern matches nothing and `allow_empty` is False.
+  """
+  metadata = FileSystems.match([pattern])[0].metadata_list
+  if not metadata and not allow_empty:
+    raise FileNotFoundError(f"no file matches {pattern}")
+  for path in sorted(m.path for m in metadata):
+    if file_filter(path):
+      yield path, None
+
+
 class _ReadLinesFn(beam.DoFn):
-  """Path -> its `RawLine`s, plus the file's line count on the LINE_COUNTS output."""
+  """(path, _) -> its `RawLine`s, plus the file's line count on the LINE_COUNTS output."""
 
   def __init__(self, max_line_bytes: int, keep_bytes: int):
     self._max_line_bytes = max_line_bytes
     self._keep_bytes = keep_bytes
 
-  def process(self, path: str) -> Iterator[Any]:
+  def process(self, element: tuple[str, Any]) -> Iterator[Any]:
+    path, _ = element
     count = 0
     for line in iter_lines(path, self._max_line_bytes, self._keep_bytes):
       count += 1
@@ -239,26 +272,26 @@ class ReadLines(beam.PTransform):
 
   Returns a tuple-like result: `.lines` (RawLine) and `.line_counts` ((file, n) for
   every file read, n may be 0). Files are spread over workers one by one (gzip does
-  not split). Hidden and marker files (.*, _*) are not read.
+  not split): a shuffle keyed by path, which is what beam.Reshuffle does with more
+  steps. Hidden and marker files (.*, _*) are not read; with `allow_empty=False` a
+  pattern that matches no file fails the pipeline.
   """
 
-  def __init__(self, file_filter=workdir_lib.is_data_file, allow_empty: bool = True,
-               max_line_bytes: int = schema.MAX_LINE_BYTES,
+  def __init__(self, file_filter: Callable[[str], bool] = workdir_lib.is_data_file,
+               allow_empty: bool = True, max_line_bytes: int = schema.MAX_LINE_BYTES,
                keep_bytes: int = schema.DEAD_LETTER_LINE_BYTES):
     super().__init__()
     self._file_filter = file_filter
-    self._empty = fileio.EmptyMatchTreatment.ALLOW if allow_empty else (
-        fileio.EmptyMatchTreatment.DISALLOW)
+    self._allow_empty = allow_empty
     self._max_line_bytes = max_line_bytes
     self._keep_bytes = keep_bytes
 
   def expand(self, patterns):
     return (
         patterns
-        | "Match" >> fileio.MatchAll(self._empty)
-        | "Paths" >> beam.Map(lambda metadata: metadata.path)
-        | "DataFiles" >> beam.Filter(self._file_filter)
-        | "SpreadFiles" >> beam.Reshuffle()
+        | "Match" >> beam.FlatMap(_match_paths, self._allow_empty, self._file_filter)
+        .with_output_types(Tuple[str, Any])
+        | "SpreadFiles" >> beam.GroupByKey()
         | "Read" >> beam.ParDo(_ReadLinesFn(self._max_line_bytes, self._keep_bytes))
         .with_outputs(LINE_COUNTS, main="lines"))
 

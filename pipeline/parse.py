@@ -13,7 +13,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Tuple
 
 import apache_beam as beam
 
-from core import workdir as workdir_lib
 from pipeline import coders
 from pipeline import io
 from pipeline import schema
@@ -152,20 +151,6 @@ class DedupeEvents(beam.PTransform):
         | "Group" >> coders.EncodedGroupByKey()
         | "KeepEarliest" >> beam.ParDo(_KeepEarliestFn()).with_outputs(
             SOURCES, DUPLICATES, main="events"))
-
-
-def partition_up_to(day_iso: str, partition: str) -> bool:
-  """Whether a partition name is a YYYY-MM-DD date on or before the day."""
-  try:
-    schema.parse_date(partition)
-  except ValueError:
-    return False
-  return partition <= day_iso
-
-
-def catalog_file_up_to(day_iso: str, path: str) -> bool:
-  """Whether a catalog file is a data file of a partition dated on or before the day."""
-  return workdir_lib.is_data_file(path) and partition_up_to(day_iso, io.partition_of(path))
 
 
 def _line_order(entry: tuple[schema.CatalogItem, str, int]

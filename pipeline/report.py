@@ -8,11 +8,13 @@ made before the day (ScaNN, exact, and the popularity and co-visitation baseline
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any, Optional, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
+from matplotlib.collections import PolyCollection  # noqa: E402
 import matplotlib.dates as mdates  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
@@ -28,6 +30,9 @@ KS = ("10", "50", "100")
 ROLLING_DAYS = 7
 _K_STYLES = {"10": "-", "50": "--", "100": ":"}
 _MODES = {"all": "all events", "seen_excluded": "seen items excluded"}
+_SCORED, _NOT_SCORED = "tab:gray", "lightgray"
+_MARGINS = {"left": 0.067, "right": 0.962, "bottom": 0.223, "top": 0.944, "wspace": 0.153,
+            "hspace": 0.178}
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -55,16 +60,46 @@ def _row(day: str, steps: dict[str, Any]) -> dict[str, Any]:
   }
 
 
+class Report:
+  """The running report of one workdir, kept from day to day by the daily job.
+
+  A day's report costs the same on day 1000 as on day 1: each day's row of
+  summary.json is encoded once and kept (again only when its manifest record
+  changes), and the plot draws each series as one artist, so the figure's layout
+  and rendering, not the days, set its cost.
+  """
+
+  def __init__(self, workdir: workdir_lib.Workdir):
+    self.workdir = workdir
+    self._encoded: dict[str, tuple[dict[str, Any], str]] = {}
+
+  def _encode(self, row: dict[str, Any]) -> str:
+    """`row` as it sits in summary.json's "days" list (json.dumps, indent=1)."""
+    cached = self._encoded.get(row["day"])
+    if cached is None or cached[0] != row:
+      text = "\n".join("  " + line
+                       for line in json.dumps(row, indent=1).splitlines())
+      cached = self._encoded[row["day"]] = (row, text)
+    return cached[1]
+
+  def update(self, days: dict[str, dict[str, Any]], through: dt.date) -> dict[str, str]:
+    """Rewrites the summary JSON and plot from every day up to `through`."""
+    rows = [_row(d, steps) for d, steps in sorted(days.items())
+            if d <= through.isoformat() and "beam" in steps]
+    # What json.dumps({"days": rows}, indent=1) writes, from each row's kept text.
+    body = ",\n".join(self._encode(row) for row in rows)
+    summary = workdir_lib.atomic_write(
+        self.workdir.join("eval", workdir_lib.SUMMARY),
+        '{\n "days": [\n' + body + "\n ]\n}" if rows else '{\n "days": []\n}')
+    plot = self.workdir.join("eval", workdir_lib.SUMMARY_PLOT)
+    _plot(rows, plot)
+    return {"summary": summary, "plot": plot}
+
+
 def update(workdir: workdir_lib.Workdir, days: dict[str, dict[str, Any]],
            through: dt.date) -> dict[str, str]:
-  """Rewrites the summary JSON and plot from every day up to `through`."""
-  rows = [_row(d, steps) for d, steps in sorted(days.items())
-          if d <= through.isoformat() and "beam" in steps]
-  summary = workdir_lib.write_json(workdir.join("eval", workdir_lib.SUMMARY),
-                                   {"days": rows})
-  plot = workdir.join("eval", workdir_lib.SUMMARY_PLOT)
-  _plot(rows, plot)
-  return {"summary": summary, "plot": plot}
+  """`Report.update` once, for a caller that keeps no report between days."""
+  return Report(workdir).update(days, through)
 
 
 def _recall(row: dict[str, Any], mode: str, method: str, k: str) -> Optional[float]:
@@ -133,8 +168,7 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     if not scored:
       ax.text(0.5, 0.5, "no day evaluated yet", ha="center", transform=ax.transAxes)
     bottom = axes[1, column]
-    bottom.bar(days, events, width=0.8, color=["tab:gray" if r.get("recall")
-                                              else "lightgray" for r in rows])
+    bottom.add_collection(_bars(days, events, [bool(r.get("recall")) for r in rows]))
     bottom.set_xlabel("day")
     bottom.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
     bottom.xaxis.set_major_locator(mdates.AutoDateLocator(
@@ -143,6 +177,7 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     bottom.grid(alpha=0.3, axis="y")
   if days:  # whole days either side, so that one day is not spread over hours
     axes[0, 0].set_xlim(days[0] - dt.timedelta(days=1), days[-1] + dt.timedelta(days=1))
+  axes[1, 0].set_ylim(0, 1.05 * max(events, default=0) or 1.0)
   axes[0, 0].set_ylim(0, min(1.0, 1.2 * top) or 1.0)
   axes[0, 0].set_ylabel(f"recall@K, {ROLLING_DAYS}-day mean\nweighted by events")
   axes[1, 0].set_ylabel("events")
@@ -152,12 +187,28 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
                 for k in KS]
              + [Line2D([], [], color="black", marker="o", ms=3, alpha=0.3,
                        linestyle="none", label="one day"),
-                Patch(color="tab:gray", label="events scored"),
-                Patch(color="lightgray", label="events not scored")])
+                Patch(color=_SCORED, label="events scored"),
+                Patch(color=_NOT_SCORED, label="events not scored")])
   fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
              frameon=False)
-  fig.tight_layout(rect=(0, 0.05, 1, 1))
+  # Fixed margins, the widest that fig.tight_layout() picks for this figure (an
+  # events axis up to 999,999 included): tight_layout draws the figure once more
+  # to measure it, which cost as much as drawing it.
+  fig.subplots_adjust(**_MARGINS)
   plots.write_png(fig, path)
+
+
+def _bars(days: Sequence[dt.date], heights: Sequence[float], scored: Sequence[bool]
+          ) -> PolyCollection:
+  """One bar per day, 0.8 days wide, as one artist (ax.bar makes one per day)."""
+  centers = mdates.date2num(days) if days else np.zeros(0)
+  heights = np.asarray(heights, float)
+  verts = np.zeros((len(centers), 4, 2))
+  verts[:, :2, 0] = (centers - 0.4)[:, None]
+  verts[:, 2:, 0] = (centers + 0.4)[:, None]
+  verts[:, 1:3, 1] = heights[:, None]
+  return PolyCollection(verts, facecolors=[_SCORED if s else _NOT_SCORED for s in scored],
+                        edgecolors="none")
 
 
 def table(days: dict[str, dict[str, Any]]) -> str:

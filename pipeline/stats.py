@@ -2,9 +2,9 @@
 
 Counts travel as data, not as Beam metrics, so that stats.json is exact on every
 runner: each step's elements become ((metric, file, detail), n) pairs (`CountMetric`,
-`line_counts`, `written_counts`) and `ComputeStats` sums them, checks that every
-input line is an example, a duplicate or a dead letter and that every count was
-written, and writes stats.json.
+`line_counts`, `written_counts`) and `ComputeStats` sums them in one combine, checks
+that every input line is an example, a duplicate or a dead letter and that every
+count was written, and writes stats.json.
 """
 
 from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
@@ -34,6 +34,7 @@ OUT_EXAMPLES = "examples"
 OUT_CORPUS = "corpus"
 OUT_DEAD_LETTERS = "dead_letters"
 OUT_HISTORIES = "histories"
+OUT_CATALOG_STATE = "catalog_state"
 
 STATS_FILE = workdir_lib.STATS
 
@@ -65,7 +66,8 @@ def reason_key(record: Mapping[str, Any]) -> tuple[str, str]:
 
 
 class CountMetric(beam.PTransform):
-  """Elements -> ((metric, file, detail), n), with `key_fn(element) -> (file, detail)`."""
+  """Elements -> ((metric, file, detail), 1) each, with `key_fn(element) -> (file,
+  detail)`: `ComputeStats` sums them (one combine for every metric, not one each)."""
 
   def __init__(self, metric: str, key_fn: Callable[[Any], tuple[str, str]] = file_key):
     super().__init__()
@@ -74,9 +76,7 @@ class CountMetric(beam.PTransform):
 
   def expand(self, elements):
     metric, key_fn = self._metric, self._key_fn
-    return (elements
-            | "Key" >> beam.Map(lambda e: (metric, *key_fn(e)))
-            | "Count" >> beam.combiners.Count.PerElement())
+    return elements | "Key" >> beam.Map(lambda e: ((metric, *key_fn(e)), 1))
 
 
 def line_counts(metric: str) -> Callable[[tuple[str, int]], Count]:
@@ -157,6 +157,7 @@ def assemble_stats(pairs: Iterable[Count], context: Mapping[str, Any]) -> dict[s
       "dead letters": (total(dead) + total(catalog_dead),
                        written.get(OUT_DEAD_LETTERS, 0)),
       "histories": (history_users, written.get(OUT_HISTORIES, 0)),
+      "catalog state": (corpus_items, written.get(OUT_CATALOG_STATE, 0)),
   }
   for what, (counted, wrote) in checks.items():
     if counted != wrote:
@@ -186,10 +187,36 @@ def assemble_stats(pairs: Iterable[Count], context: Mapping[str, Any]) -> dict[s
   }
 
 
+class _SumCounts(beam.CombineFn):
+  """((metric, file, detail), n) pairs -> their sums by key, as a list of pairs."""
+
+  def create_accumulator(self) -> dict[tuple[str, str, str], int]:
+    return {}
+
+  def add_input(self, sums: dict[tuple[str, str, str], int], pair: Count
+                ) -> dict[tuple[str, str, str], int]:
+    key, n = pair
+    sums[key] = sums.get(key, 0) + n
+    return sums
+
+  def merge_accumulators(self, accumulators: Iterable[dict[tuple[str, str, str], int]]
+                         ) -> dict[tuple[str, str, str], int]:
+    accumulators = iter(accumulators)
+    sums = next(accumulators)
+    for more in accumulators:
+      for key, n in more.items():
+        sums[key] = sums.get(key, 0) + n
+    return sums
+
+  def extract_output(self, sums: dict[tuple[str, str, str], int]) -> list[Count]:
+    return sorted(sums.items())
+
+
 class ComputeStats(beam.PTransform):
   """((metric, file, detail), n) pairs -> stats.json in `directory` (and its dict).
 
-  Give it the writers' counts too: it then runs after them and checks them.
+  Give it the writers' counts too: it then runs after them and checks them. Its
+  input is never empty (every log file read has a line count).
   """
 
   def __init__(self, directory: str, context: Mapping[str, Any]):
@@ -199,8 +226,7 @@ class ComputeStats(beam.PTransform):
 
   def expand(self, counts):
     return (counts
-            | "Sum" >> beam.CombinePerKey(sum)
-            | "Gather" >> beam.combiners.ToList()
+            | "Sum" >> beam.CombineGlobally(_SumCounts()).without_defaults()
             | "Write" >> beam.Map(_write_stats, self._directory, self._context))
 
 

@@ -11,12 +11,13 @@
   straight to any Beam filesystem: the bytes are tf.io.TFRecordWriter's.
 """
 
+import functools
 import heapq
 import json
 import struct
 import uuid
 import zlib
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -24,6 +25,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 import google_crc32c
+
+from pipeline import io
 
 _CHUNK_BYTES = 1 << 20
 # A run entry: key length, record length, then both.
@@ -118,13 +121,16 @@ def _read_run(path: str) -> Iterator[tuple[Any, bytes]]:
 class _SpillSortedRunsFn(beam.DoFn):
   """(shard, (sort key, record)) -> sorted runs on disk, one (shard, run path) each.
 
-  Buffers at most about `buffer_bytes` of records per DoFn instance; a full buffer,
-  and the end of a bundle, writes one run per shard it holds.
+  With a `shard_fn`, elements are (sort key, record) and `shard_fn` names their
+  shard. Buffers at most about `buffer_bytes` of records per DoFn instance; a full
+  buffer, and the end of a bundle, writes one run per shard it holds.
   """
 
-  def __init__(self, scratch_dir: str, buffer_bytes: int):
+  def __init__(self, scratch_dir: str, buffer_bytes: int,
+               shard_fn: Optional[Callable[[tuple[Any, bytes]], str]] = None):
     self._scratch_dir = scratch_dir
     self._buffer_bytes = buffer_bytes
+    self._shard_fn = shard_fn
 
   def start_bundle(self) -> None:
     self._buffer: dict[str, list[tuple[Any, bytes]]] = {}
@@ -138,8 +144,11 @@ class _SpillSortedRunsFn(beam.DoFn):
       yield shard, path
     self._buffer, self._size = {}, 0
 
-  def process(self, element: tuple[str, tuple[Any, bytes]]) -> Iterator[tuple[str, str]]:
-    shard, entry = element
+  def process(self, element: Any) -> Iterator[tuple[str, str]]:
+    if self._shard_fn is None:
+      shard, entry = element
+    else:
+      shard, entry = self._shard_fn(element), element
     self._buffer.setdefault(shard, []).append(entry)
     self._size += len(entry[1]) + _ENTRY_OVERHEAD_BYTES
     if self._size >= self._buffer_bytes:
@@ -151,28 +160,22 @@ class _SpillSortedRunsFn(beam.DoFn):
 
 
 class _MergeRunsFn(beam.DoFn):
-  """(shard, run paths) -> the shard's file: its runs merged in sort-key order."""
+  """(shard, run paths) -> the shard's file: its runs merged in sort-key order.
+
+  A None among the paths is the shard's name seeded by `WriteSortedShards`, so a
+  shard without records still gets its (empty) file.
+  """
 
   def __init__(self, directory: str):
     self._directory = directory
 
-  def process(self, element: tuple[str, Iterable[str]]) -> Iterator[tuple[str, int]]:
+  def process(self, element: tuple[str, Iterable[Optional[str]]]
+              ) -> Iterator[tuple[str, int]]:
     shard, runs = element
-    merged = heapq.merge(*(_read_run(run) for run in sorted(runs)),
+    merged = heapq.merge(*(_read_run(run) for run in sorted(r for r in runs if r)),
                          key=lambda entry: entry[0])
     yield shard, write_shard(FileSystems.join(self._directory, shard),
                              (record for _, record in merged))
-
-
-class _WriteEmptyShardFn(beam.DoFn):
-  """Shard name -> an empty shard, unless a record was written to it."""
-
-  def __init__(self, directory: str):
-    self._directory = directory
-
-  def process(self, name: str, written: list[tuple[str, int]]) -> Iterator[tuple[str, int]]:
-    if name not in {shard for shard, _ in written}:
-      yield name, write_shard(FileSystems.join(self._directory, name), [])
 
 
 class WriteSortedShards(beam.PTransform):
@@ -188,31 +191,32 @@ class WriteSortedShards(beam.PTransform):
   were split into runs.
 
   Every name in `shard_names` gets a file, empty when no record names it, so the
-  files of an output do not depend on the data. Runs are left in `scratch_dir`
-  for the caller to delete with it: deleting them in the merge would make a retried
-  merge fail. Returns (shard name, records written).
+  files of an output do not depend on the data. With `shard_fn`, the input is
+  (sort key, record bytes) and `shard_fn` of it names the shard. Runs are left in
+  `scratch_dir` for the caller to delete with it: deleting them in the merge would
+  make a retried merge fail. Returns (shard name, records written).
   """
 
   def __init__(self, directory: str, shard_names: Sequence[str], scratch_dir: str,
-               buffer_bytes: int = 64 << 20):
+               buffer_bytes: int = 64 << 20,
+               shard_fn: Optional[Callable[[tuple[Any, bytes]], str]] = None):
     super().__init__()
     self._directory = directory
     self._shard_names = list(shard_names)
     self._scratch_dir = scratch_dir
     self._buffer_bytes = buffer_bytes
+    self._shard_fn = shard_fn
 
   def expand(self, keyed):
-    written = (keyed
-               | "SpillRuns" >> beam.ParDo(
-                   _SpillSortedRunsFn(self._scratch_dir, self._buffer_bytes))
-               | "GroupRuns" >> beam.GroupByKey()
-               | "MergeRuns" >> beam.ParDo(_MergeRunsFn(self._directory)))
-    # Empty shards are written after the others (the side input waits for them).
-    empty = (keyed.pipeline
-             | "ShardNames" >> beam.Create(self._shard_names)
-             | "WriteEmpty" >> beam.ParDo(_WriteEmptyShardFn(self._directory),
-                                          beam.pvalue.AsList(written)))
-    return (written, empty) | "AllShards" >> beam.Flatten()
+    runs = keyed | "SpillRuns" >> beam.ParDo(
+        _SpillSortedRunsFn(self._scratch_dir, self._buffer_bytes, self._shard_fn))
+    # Every shard name joins the group with no run, so that each gets its file.
+    names = (keyed.pipeline
+             | "ShardNames" >> io.Values([(name, None) for name in self._shard_names]))
+    return ((runs, names)
+            | "RunsAndNames" >> beam.Flatten()
+            | "GroupRuns" >> beam.GroupByKey()
+            | "MergeRuns" >> beam.ParDo(_MergeRunsFn(self._directory)))
 
 
 def shard_names(prefix: str, num_shards: int, suffix: str) -> list[str]:
@@ -223,8 +227,6 @@ def shard_names(prefix: str, num_shards: int, suffix: str) -> list[str]:
 def shard_of(key: str, num_shards: int) -> int:
   """A stable shard for a key (Python's hash() differs between processes)."""
   return zlib.crc32(key.encode("utf-8")) % num_shards
-
-
 
 
 class WriteShardedByKey(beam.PTransform):
@@ -243,11 +245,14 @@ class WriteShardedByKey(beam.PTransform):
     self._scratch_dir = scratch_dir
 
   def expand(self, keyed):
-    names = self._names
-    return (
-        keyed
-        | "Shard" >> beam.Map(lambda kv: (names[shard_of(kv[0][0], len(names))], kv))
-        | "Write" >> WriteSortedShards(self._directory, names, self._scratch_dir))
+    return keyed | "Write" >> WriteSortedShards(
+        self._directory, self._names, self._scratch_dir,
+        shard_fn=functools.partial(_shard_name, self._names))
+
+
+def _shard_name(names: Sequence[str], entry: tuple[tuple[Any, ...], bytes]) -> str:
+  """The shard of a (key, record) of `WriteShardedByKey`: by its key's first field."""
+  return names[shard_of(entry[0][0], len(names))]
 
 
 def write_json(path: str, value: Any) -> None:

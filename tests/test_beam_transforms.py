@@ -1,16 +1,21 @@
 """The day's named PTransforms one by one, on the DirectRunner's engine."""
 
+import copy
 import datetime as dt
 import json
 import os
+import pickle
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import DirectOptions
+from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.testing.util import assert_that
 from apache_beam.testing.util import equal_to
 import pytest
 
 from core import workdir as workdir_lib
+from pipeline import beam_day
 from pipeline import coders
 from pipeline import history
 from pipeline import io
@@ -237,3 +242,18 @@ def test_previous_state_skips_empty_days_but_not_days_with_data(tmp_path):
     history.previous_state(paths, day)
   assert history.previous_state(paths, day, allow_missing=True) == (
       paths.history_dir(dt.date(2024, 1, 7)))
+
+
+def test_options_that_keep_their_views_behave_like_beams():
+  options = beam_day._ViewCachingOptions(["--direct_num_workers=2"])
+  direct = options.view_as(DirectOptions)
+  assert direct.direct_num_workers == 2 and options.view_as(DirectOptions) is direct
+  options.view_as(StandardOptions).runner = "SomeRunner"  # set through one view ...
+  assert options.get_all_options()["runner"] == "SomeRunner"  # ... seen by all
+  copied = copy.deepcopy(options)
+  copied.view_as(DirectOptions).direct_num_workers = 3
+  assert (direct.direct_num_workers, copied.view_as(DirectOptions).direct_num_workers
+          ) == (2, 3)
+  restored = pickle.loads(pickle.dumps(options))
+  assert "_views" not in restored.__dict__  # the views are made again, not carried
+  assert restored.view_as(StandardOptions).runner == "SomeRunner"

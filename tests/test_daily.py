@@ -19,6 +19,7 @@ import types
 
 import pytest
 
+from pipeline import manifest as manifest_lib
 from pipeline import synthetic_world
 from pipeline import workdir_lock
 
@@ -305,3 +306,27 @@ def test_airflow_example_is_valid_python_calling_the_daily_job():
     source = f.read()
   compile(source, path, "exec")
   assert "-m pipeline.daily" in source and "--date={{{{ ds }}}}" in source
+
+
+def test_a_manifest_write_encodes_only_the_day_it_changes(tmp_path, monkeypatch):
+  path = str(tmp_path / "manifest.json")
+  record = {"seconds": 1.5, "recall": {"all": {"exact": {"10": 0.25}}}, "note": "a\nb"}
+  first = dt.date(2024, 1, 1)
+  manifest_lib.Manifest(path).mark_all(
+      [first + dt.timedelta(days=i) for i in range(300)], "beam", record)
+  manifest = manifest_lib.Manifest(path)
+  manifest.mark(first, "train", record)  # encodes every day it loaded, once
+  encoded = []
+  dumps = json.dumps
+  monkeypatch.setattr(json, "dumps", lambda *a, **k: encoded.append(dumps(*a, **k))
+                      or encoded[-1])
+  manifest.mark(first + dt.timedelta(days=299), "train", record)
+  manifest.clear(first + dt.timedelta(days=5))
+  monkeypatch.setattr(json, "dumps", dumps)
+  assert sum(map(len, encoded)) < 2_000  # the day marked, not the 300 days (~40 KB)
+  with open(path) as f:
+    text = f.read()
+  days = {day: steps for day, steps in json.loads(text)["days"].items()}
+  assert len(days) == 299 and days["2024-10-26"] == {"beam": record, "train": record}
+  assert text == json.dumps({"days": days, "export_high_water": 0}, indent=1,
+                            sort_keys=True)

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from core import workdir as workdir_lib
 from models import config as config_lib
 from models import features
 from pipeline import beam_day
+from pipeline import catalog_state
 from pipeline import history
 from pipeline import io
 from pipeline import schema
@@ -194,6 +196,123 @@ def test_missing_history_can_be_allowed(tmp_path):
   assert stats["previous_history_state"] is None
 
 
+def _catalog(item_id, channel, **extra):
+  return json.dumps({"item_id": item_id, "channel_id": channel, **extra})
+
+
+def _two_catalog_days(workdir):
+  """DAY - 1 and DAY: catalog lines that DAY's corpus must resolve across days."""
+  day0 = DAY - dt.timedelta(days=1)
+  start0, _ = schema.day_bounds(day0)
+  _write(f"{workdir}/catalog/{day0}/c.jsonl.gz", [
+      _catalog("i1", "c1", topics=["t1"], upload_ts="9000-01-01T00:00:01Z"),
+      _catalog("i2", "c2", topics=["t2", "t3"], topic_weights=[2, 0.1], duration_s=1e-7),
+      "{broken", _catalog("i5", "chaîne")])
+  _write(f"{workdir}/catalog/{DAY}/a.jsonl", [_catalog("i1", "c1-new"), _catalog("i3", "c3")])
+  _write(f"{workdir}/catalog/{DAY}/b.jsonl", [_catalog("i3", "c3-b"), _catalog("i4", "c4")])
+  _write(f"{workdir}/logs/{day0}/a.jsonl", [_event("y", start0 + 5, "u1", "i2")])
+  _write(f"{workdir}/logs/{DAY}/a.jsonl", [
+      _event("a", START + 1, "u1", "i1"), _event("b", START + 2, "u2", "i2"),
+      _event("c", START + 3, "u2", "i3"), _event("d", START + 4, "u3", "i5")])
+  return day0
+
+
+def test_the_catalog_state_is_carried_and_gives_what_reading_every_partition_gives(
+    tmp_path):
+  carried, full = f"{tmp_path}/carried", f"{tmp_path}/full"
+  day0 = _two_catalog_days(carried)
+  beam_day.run_day(day0, carried)
+  shutil.copytree(carried, full)
+  shutil.rmtree(f"{full}/state/catalog")  # DAY then reads every partition up to it
+  stats = beam_day.run_day(DAY, carried)
+  full_stats = beam_day.run_day(DAY, full)
+
+  paths = workdir_lib.Workdir(carried)
+  assert stats["previous_catalog_state"] == catalog_state.state_dir(paths, day0)
+  assert full_stats["previous_catalog_state"] is None
+  read = sorted(os.path.relpath(f, carried) for f in stats["catalog"]["files"])
+  assert read == [f"catalog/{DAY}/a.jsonl", f"catalog/{DAY}/b.jsonl"] + [
+      f"state/catalog/{day0}/part-{i:05d}-of-00004.jsonl.gz" for i in range(4)]
+  assert stats["catalog"]["dead_letters"] == 0  # day0's broken line is not read again
+  assert full_stats["catalog"]["dead_letters"] == 1
+  assert stats["corpus_items"] == full_stats["corpus_items"] == 5
+  assert stats["unknown_item_events"] == 0
+
+  def outputs(root):  # what the catalog's reading must not change
+    data = {name: content for name, content in _tree(f"{root}/data/{DAY}").items()
+            if name != "stats.json" and not name.startswith("dead_letter-catalog")}
+    return data, _tree(f"{root}/state/catalog/{DAY}"), _tree(f"{root}/state/history/{DAY}")
+
+  assert outputs(carried) == outputs(full)
+  corpus = {r["item_id"]: r["item_channel_id"] for _, r in _records(
+      f"{carried}/data/{DAY}/corpus-*.tfrecord.gz")}
+  assert corpus == {"i1": "c1-new", "i2": "c2", "i3": "c3-b", "i4": "c4", "i5": "chaîne"}
+
+
+@pytest.mark.parametrize("damage", ["old_partition_changed", "state_missing",
+                                    "state_shard_missing"])
+def test_a_stale_or_missing_catalog_state_is_rebuilt_from_every_partition(tmp_path,
+                                                                          damage):
+  workdir = str(tmp_path)
+  day0 = _two_catalog_days(workdir)
+  beam_day.run_day(day0, workdir)
+  state0 = catalog_state.state_dir(workdir_lib.Workdir(workdir), day0)
+  if damage == "old_partition_changed":  # a late fix of an earlier partition
+    with open(f"{workdir}/catalog/{day0}/late.jsonl", "w") as f:
+      f.write(_catalog("i2", "c2-fixed") + "\n")
+  elif damage == "state_missing":
+    shutil.rmtree(state0)
+  else:
+    os.remove(f"{state0}/part-00002-of-00004.jsonl.gz")
+  stats = beam_day.run_day(DAY, workdir)
+  assert stats["previous_catalog_state"] is None
+  corpus = {r["item_id"]: r["item_channel_id"] for _, r in _records(
+      f"{workdir}/data/{DAY}/corpus-*.tfrecord.gz")}
+  assert corpus["i2"] == ("c2-fixed" if damage == "old_partition_changed" else "c2")
+  assert len(corpus) == 5
+  held = catalog_state.summary(workdir_lib.Workdir(workdir), DAY)
+  assert sorted(held["catalog_files"]) == sorted(
+      os.path.relpath(f, f"{workdir}/catalog") for f in glob.glob(
+          f"{workdir}/catalog/*/*"))
+
+
+def test_a_day_that_failed_after_publishing_its_states_runs_again(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  day0 = _two_catalog_days(workdir)
+  beam_day.run_day(day0, workdir)
+  publish = io.publish
+
+  def fail_on_data(tmp_dir, final_dir, marker):
+    if "/data/" in final_dir:
+      raise OSError("killed before publishing data")
+    publish(tmp_dir, final_dir, marker)
+
+  monkeypatch.setattr(io, "publish", fail_on_data)
+  with pytest.raises(OSError, match="killed"):
+    beam_day.run_day(DAY, workdir)
+  states = {kind: _tree(f"{workdir}/state/{kind}/{DAY}") for kind in ("catalog", "history")}
+  assert all(states.values()) and not os.path.exists(f"{workdir}/data/{DAY}")
+  monkeypatch.setattr(io, "publish", publish)
+  stats = beam_day.run_day(DAY, workdir)
+  assert stats["previous_catalog_state"] == catalog_state.state_dir(
+      workdir_lib.Workdir(workdir), day0)
+  assert {kind: _tree(f"{workdir}/state/{kind}/{DAY}")
+          for kind in ("catalog", "history")} == states
+  assert not glob.glob(f"{workdir}/data/.*") + glob.glob(f"{workdir}/state/*/.*")
+
+
+def test_catalog_state_lines_read_back_as_the_same_items():
+  items = [
+      schema.CatalogItem("i1"),
+      schema.CatalogItem("é/\"", "c", ("t1", "t2"), (2.0, 1e-7), 0.1, 2 * 10**11),
+      schema.CatalogItem("i3", "", (), (), 3.4e38, schema.MAX_TIMESTAMP_S),
+  ]
+  for item in items:
+    assert schema.validate_catalog(catalog_state.state_line(item)) == item
+  with pytest.raises(ValueError, match="'big' makes a state line of"):
+    catalog_state.state_line(schema.CatalogItem("big", "x" * schema.MAX_LINE_BYTES))
+
+
 def test_dedupe_keeps_the_earliest_copy_and_output_is_in_time_order(tmp_path):
   workdir = str(tmp_path)
   rng = random.Random(5)
@@ -329,9 +448,12 @@ def test_a_rerun_gives_the_same_bytes_and_clears_a_crashed_attempt(tmp_path):
          [_event("y1", START - 9000, "u1", "i7"), _event("y2", START - 8000, "u3", "i8")])
   beam_day.run_day(DAY - dt.timedelta(days=1), workdir)
   beam_day.run_day(DAY, workdir)
-  first = {kind: _tree(f"{workdir}/{kind}/{DAY}") for kind in ("data", "state/history")}
+  kinds = ("data", "state/history", "state/catalog")
+  first = {kind: _tree(f"{workdir}/{kind}/{DAY}") for kind in kinds}
   crashed = f"{workdir}/data/.tmp-{DAY}-0123456789ab"
   _write(f"{crashed}/examples-00.tfrecord.gz", [b"half written"])
+  crashed_catalog = f"{workdir}/state/catalog/.tmp-{DAY}-0123456789ab"
+  _write(f"{crashed_catalog}/part-00000-of-00004.jsonl.gz", [b"half written"])
 
   # The re-run goes through the absl app, with Beam options passed through.
   subprocess.run(
@@ -339,9 +461,9 @@ def test_a_rerun_gives_the_same_bytes_and_clears_a_crashed_attempt(tmp_path):
        f"--date={DAY}", "--direct_num_workers=2",
        "--direct_running_mode=multi_processing"],
       cwd=REPO, check=True, capture_output=True)
-  second = {kind: _tree(f"{workdir}/{kind}/{DAY}") for kind in ("data", "state/history")}
+  second = {kind: _tree(f"{workdir}/{kind}/{DAY}") for kind in kinds}
   assert second == first
-  assert not os.path.exists(crashed)
+  assert not os.path.exists(crashed) and not os.path.exists(crashed_catalog)
   assert history.load_histories(workdir, DAY)["u3"] == ["i8"]
 
 

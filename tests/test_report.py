@@ -69,6 +69,53 @@ def test_summary_json_and_plot_carry_covisitation(tmp_path):
   assert not [p for p in os.listdir(workdir.eval_root) if p.startswith(".")]  # atomic
 
 
+def test_the_summary_is_its_rows_json_and_follows_a_day_run_again(tmp_path, monkeypatch):
+  workdir = workdir_lib.Workdir(str(tmp_path))
+  days = _days(6)
+  through = START + dt.timedelta(days=4)
+  kept = report.Report(workdir)
+
+  def expected():
+    rows = [report._row(d, steps) for d, steps in sorted(days.items())
+            if d <= through.isoformat() and "beam" in steps]
+    return json.dumps({"days": rows}, indent=1)  # what the summary always held
+
+  path = kept.update(days, through)["summary"]
+  with open(path) as f:
+    assert f.read() == expected()
+  days["2024-01-03"]["train"]["mean_loss"] = 0.25  # e.g. the day was run again
+  encoded = []
+  dumps = json.dumps
+  monkeypatch.setattr(json, "dumps", lambda *a, **k: encoded.append(dumps(*a, **k))
+                      or encoded[-1])
+  kept.update(days, through)
+  monkeypatch.setattr(json, "dumps", dumps)
+  assert len(encoded) == 1  # that day's row alone is encoded again
+  with open(path) as f:
+    text = f.read()
+  assert text == expected() and json.loads(text)["days"][2]["mean_loss"] == 0.25
+  report.Report(workdir).update({}, through)
+  with open(path) as f:
+    assert f.read() == json.dumps({"days": []}, indent=1)
+
+
+def test_the_plot_draws_each_series_as_one_artist_whatever_the_days(tmp_path,
+                                                                     monkeypatch):
+  figures = []
+  monkeypatch.setattr(report.plots, "write_png", lambda fig, path: figures.append(fig))
+  days = _days(30)
+  rows = [report._row(d, steps) for d, steps in sorted(days.items()) if "beam" in steps]
+  report._plot(rows, str(tmp_path / "summary.png"))
+  top, _, bottom, _ = figures[0].axes
+  assert len(top.lines) == 2 * len(report.METHODS) * len(report.KS)  # dots and means
+  assert not bottom.patches and len(bottom.collections) == 1  # not a bar per day
+  bars = bottom.collections[0]
+  heights = [path.vertices[:, 1].max() for path in bars.get_paths()]
+  assert heights == [r["examples"] for r in rows]
+  assert len({tuple(c) for c in bars.get_facecolors()}) == 2  # scored, not scored
+  assert bottom.get_ylim() == pytest.approx((0, 105))
+
+
 @pytest.mark.parametrize("num_days", [1, 2])
 def test_plot_of_one_unscored_day_or_one_scored_day(tmp_path, num_days):
   path = str(tmp_path / "summary.png")
