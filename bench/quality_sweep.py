@@ -31,6 +31,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from absl import app
+from absl import flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +50,11 @@ from serving import corpus as corpus_lib  # noqa: E402
 
 KS = (10, 50, 100)
 _ROWS = 2048
+
+_HALF = flags.DEFINE_enum(
+    "sweep_half", None, ["validation", "test"],
+    "Run one half only; 'test' continues each run's validation-half checkpoint "
+    "(default: what --through says).")
 
 
 def prepare(out: str, dates: Sequence[str], raw: str, beam: beam_day.BeamSettings,
@@ -138,8 +144,11 @@ def score_day(trainer: Trainer, data_root: str, day: dt.date, previous: dt.date,
 
 
 def sweep_one(name: str, config: ModelConfig, data_root: str, out: str,
-              dates: Sequence[str], baselines_too: bool) -> dict[str, dict[str, Any]]:
-  """Test-then-train over `dates` with one config; {day: {"evaluate": ..., "train": ...}}."""
+              dates: Sequence[str], first: int, baselines_too: bool
+              ) -> dict[str, dict[str, Any]]:
+  """Test-then-train over dates[first:] with one config, from the run's checkpoint
+  (so a test-half run continues the validation-half run of the same name);
+  {day: {"evaluate": ..., "train": ...}}."""
   root = os.path.join(out, "sweep", name)
   os.makedirs(root, exist_ok=True)
   link = workdir_lib.Workdir(root).data_root
@@ -149,7 +158,8 @@ def sweep_one(name: str, config: ModelConfig, data_root: str, out: str,
   interactions = records.TrainingInteractions()
   days: dict[str, dict[str, Any]] = {}
   start = time.perf_counter()
-  for i, name_of_day in enumerate(dates):
+  for i in range(first, len(dates)):
+    name_of_day = dates[i]
     day = dt.date.fromisoformat(name_of_day)
     days[name_of_day] = {}
     if i > 0:
@@ -169,24 +179,27 @@ def main(argv: Sequence[str]) -> None:
   dates = sorted(os.listdir(os.path.join(raw, "logs")))
   halves = {"validation": dates[:len(dates) // 2], "test": dates[len(dates) // 2:]}
   run_dates = halves["validation"] if quality._THROUGH.value == "validation" else dates
+  first = len(halves["validation"]) if _HALF.value == "test" else 0
+  if _HALF.value == "validation":
+    run_dates = halves["validation"]
   data_root = prepare(out, run_dates, raw, beam, argv[1:])
   shared = json.loads(quality._OVERRIDES.value)
   results: dict[str, Any] = {}
   for n, (name, overrides) in enumerate(json.loads(quality._CONFIGS.value).items()):
     config = ModelConfig.from_dict({**shared, **overrides})
     start = time.perf_counter()
-    days = sweep_one(name, config, data_root, out, run_dates, baselines_too=n == 0)
+    days = sweep_one(name, config, data_root, out, run_dates, first, baselines_too=n == 0)
     results[name] = {"config": config.to_dict(),
                      "seconds": round(time.perf_counter() - start, 1),
                      **{half: quality.weighted_recall(days, names)
-                        for half, names in halves.items() if names[0] <= run_dates[-1]}}
+                        for half, names in halves.items() if any(d in days for d in names)}}
     print(name, json.dumps({h: results[name][h] for h in quality.HALVES
                             if h in results[name]}), flush=True)
   text = "\n\n".join(f"{half} half (in-memory exact ranks):\n\n"
                      f"{quality.markdown(results, half)}"
                      for half in quality.HALVES if any(half in r for r in results.values()))
   print(text)
-  workdir_lib.write_json(os.path.join(out, "sweep", "sweep.json"), {
+  workdir_lib.write_json(os.path.join(out, "sweep", f"sweep-{'-'.join(results)}.json"), {
       "results": results, "halves": halves, "tables": text,
       "finished": dt.datetime.now().isoformat()})
 
