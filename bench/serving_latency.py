@@ -1,4 +1,4 @@
-r"""Latency and throughput of the exported SavedModels: ScaNN vs exact, one run.
+r"""Latency and throughput of the exported SavedModels: ScaNN vs exact, new vs old, one run.
 
 A synthetic corpus of --num_items unit vectors (--dim) is indexed behind the query
 tower of a default-config TwoTowerModel with random weights. Items cluster around
@@ -12,13 +12,27 @@ timed through its `serving_default` signature, query tower included:
   * queries/s at --batch_size;
   * the ANN's recall@10 against the exact export on the same requests.
 
-Also timed, to show where the time goes: the query tower alone and the raw ScaNN
-layer alone (no SavedModel). Calls are interleaved request by request, so load
-from other processes hits every variant alike; compare the ratios.
-Issue 5's goal: ScaNN p50 <= 2 ms at recall@10 >= 0.95.
+With --old_tree (a tree holding the serving code to compare with, e.g. the
+committed one from `git archive HEAD`), a second process saves both variants with
+that tree's `serving` package over the same towers, corpus and ScaNN parameters
+(everything else from this tree), and every figure is also given for the old
+exports and as new / old.
+
+Where the time of one call goes, timed alone and interleaved with the rest:
+  * `floor`: a SavedModel signature with the same inputs that does nothing (what
+    calling any signature from Python costs);
+  * `scann_query_embedding`: the ScaNN export's query_embedding signature (floor,
+    request check, query tower);
+  * `query_tower`: the query tower in a tf.function, and `raw_scann`: the ScaNN
+    index alone on query embeddings (no SavedModel);
+  * --op_breakdown: the median time of each op inside one serving_default call
+    (a TF1 session's step stats, in a child process), summed by part.
+Calls are interleaved request by request, so load from other processes hits
+every variant alike; compare the ratios.
 
   python bench/serving_latency.py                       # 1M x 64
-  python bench/serving_latency.py --num_items=100000 --json_out=/tmp/serving.json
+  python bench/serving_latency.py --old_tree=/tmp/OLD --json_out=/tmp/serving.json
+  python bench/serving_latency.py --num_items=100000
 """
 
 from __future__ import annotations
@@ -28,12 +42,15 @@ import functools
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The old tree's child process puts its own code first (see `_old_code_root`).
+sys.path.insert(0, os.environ.get("SERVING_LATENCY_CODE", _REPO))
 import core  # noqa: E402,F401  (the environment, before TensorFlow loads)
 
 from absl import app  # noqa: E402
@@ -59,8 +76,17 @@ _MIN_RECALL = flags.DEFINE_float("min_ann_recall", 0.95, "Recall bar of the tuni
 _JSON = flags.DEFINE_string("json_out", None, "Also write the figures here.")
 _OUT = flags.DEFINE_string("out_dir", None, "Where to save the SavedModels "
                            "(default: a temporary directory, removed afterwards).")
+_OLD_TREE = flags.DEFINE_string("old_tree", None, "A tree whose serving package is the "
+                                "old code to compare with (e.g. `git archive HEAD`).")
+_OP_BREAKDOWN = flags.DEFINE_bool("op_breakdown", True, "Also time each op of one "
+                                  "serving_default call (step stats, child process).")
+_SAVE_OLD = flags.DEFINE_string("save_old", None, "Internal: the child process that "
+                                "saves the exports of --old_tree's code from these inputs.")
+_STEP_STATS = flags.DEFINE_string("step_stats", None, "Internal: the child process that "
+                                  "times the ops of this export's serving_default.")
 
 Request = dict[str, tf.Tensor]
+VARIANTS = ("scann", "exact")
 
 
 def strengthen_item_ids(model: TwoTowerModel, seed: int = 0) -> None:
@@ -101,14 +127,13 @@ def item_embeddings(centres: np.ndarray, num: int, noise: float = 0.6,
   return out
 
 
-def requests(seeds: np.ndarray, history: np.ndarray, num: int, size: int,
-             seed: int) -> list[Request]:
-  """`num` raw requests of `size` rows: a random user, device, country and time, a
-  seed item drawn from `seeds` and 10 history items drawn from `history` (none
+def request_columns(seeds: np.ndarray, history: np.ndarray, rows: int,
+                    seed: int) -> dict[str, np.ndarray]:
+  """`rows` raw requests as numpy columns: a random user, device, country and time,
+  a seed item drawn from `seeds` and 10 history items drawn from `history` (none
   when `history` is empty)."""
   rng = np.random.default_rng(seed)
-  rows = num * size
-  columns = {
+  return {
       "user_id": np.array([f"user{u}".encode() for u in rng.integers(10**6, size=rows)],
                           object),
       "seed_item_id": seeds[rng.integers(len(seeds), size=rows)],
@@ -118,6 +143,12 @@ def requests(seeds: np.ndarray, history: np.ndarray, num: int, size: int,
       "country": np.array([b"de", b"us", b"br"], object)[rng.integers(3, size=rows)],
       "timestamp": rng.integers(1_700_000_000, 1_710_000_000, size=rows),
   }
+
+
+def requests(seeds: np.ndarray, history: np.ndarray, num: int, size: int,
+             seed: int) -> list[Request]:
+  """`num` requests of `size` rows (`request_columns`), as tensors."""
+  columns = request_columns(seeds, history, num * size, seed)
   return [{name: tf.constant(value[i * size:(i + 1) * size])
            for name, value in columns.items()} for i in range(num)]
 
@@ -140,8 +171,92 @@ def recall_at_10(approx: Request, exact: Request) -> float:
   return float(np.mean(approx["scores"].numpy()[:, :10] >= threshold))
 
 
+def saved_model_mb(path: str) -> float:
+  return round(sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path)
+                   for f in fs) / 2**20, 1)
+
+
+def save_variants(model: TwoTowerModel, config: ModelConfig, item_ids: np.ndarray,
+                  embeddings: np.ndarray, params: index.ScannParams, layer: Any,
+                  out_dir: str, prefix: str) -> dict[str, str]:
+  """Saves the two variants with this process's `serving` code; their paths.
+
+  Uses only the constructors both the old and the new code have.
+  """
+  common = dict(query_tower=model.query_tower, candidate_tower=model.candidate_tower,
+                item_ids=item_ids, item_embeddings=embeddings,
+                temperature=config.temperature, k=_K.value, max_history=config.max_history)
+  retrievers = {
+      "scann": servable.ScannRetriever(
+          index=layer, num_reordering_candidates=params.num_reordering_candidates,
+          **common),
+      "exact": servable.ExactRetriever(**common),
+  }
+  paths = {}
+  for name, retriever in retrievers.items():
+    paths[name] = os.path.join(out_dir, f"{prefix}_{name}")
+    retriever.save(paths[name])
+  return paths
+
+
+def _floor_signature(out_dir: str) -> str:
+  """Saves a SavedModel whose serving_default takes the query features and does nothing."""
+
+  class Floor(tf.Module):
+
+    @tf.function(input_signature=[features.query_input_signature()])
+    def nothing(self, request: Request) -> dict[str, tf.Tensor]:
+      return {"user_id": tf.identity(request["user_id"])}
+
+  module = Floor()
+  path = os.path.join(out_dir, "floor")
+  tf.saved_model.save(module, path,
+                      signatures={"serving_default": module.nothing.get_concrete_function()})
+  return path
+
+
+def _old_code_root(old_tree: str, out_dir: str) -> str:
+  """A directory whose packages are this tree's, but `serving`, which is old_tree's."""
+  root = os.path.join(out_dir, "old_code")
+  os.makedirs(root, exist_ok=True)
+  for name in os.listdir(_REPO):
+    if os.path.isfile(os.path.join(_REPO, name, "__init__.py")) and name != "serving":
+      os.symlink(os.path.join(_REPO, name), os.path.join(root, name))
+  os.symlink(os.path.join(os.path.abspath(old_tree), "serving"),
+             os.path.join(root, "serving"))
+  return root
+
+
+def _save_inputs(model: TwoTowerModel, item_ids: np.ndarray, embeddings: np.ndarray,
+                 params: index.ScannParams, out_dir: str) -> str:
+  """What the old code's process needs to save the same exports."""
+  inputs = os.path.join(out_dir, "inputs")
+  os.makedirs(inputs, exist_ok=True)
+  tf.train.Checkpoint(query=model.query_tower).write(os.path.join(inputs, "towers"))
+  np.save(os.path.join(inputs, "item_ids.npy"), item_ids.astype(bytes))
+  np.save(os.path.join(inputs, "embeddings.npy"), embeddings)
+  with open(os.path.join(inputs, "params.json"), "w") as f:
+    json.dump(dataclasses.asdict(params), f)
+  return inputs
+
+
+def save_old(inputs: str, out_dir: str) -> None:
+  """The child process of --old_tree: the same exports, saved by the old code."""
+  config = ModelConfig(embedding_dim=_DIM.value)
+  model = TwoTowerModel(config)
+  servable.build_tower(model.query_tower, features.QUERY_FEATURES)
+  tf.train.Checkpoint(query=model.query_tower).read(
+      os.path.join(inputs, "towers")).assert_existing_objects_matched()
+  item_ids = np.load(os.path.join(inputs, "item_ids.npy")).astype(object)
+  embeddings = np.load(os.path.join(inputs, "embeddings.npy"))
+  with open(os.path.join(inputs, "params.json")) as f:
+    params = index.ScannParams(**json.load(f))
+  layer = index.build_scann(embeddings, params, k=min(_K.value, len(item_ids)))
+  save_variants(model, config, item_ids, embeddings, params, layer, out_dir, "old")
+
+
 def build(out_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Builds, tunes, saves and loads both variants; returns (calls, figures)."""
+  """Builds, tunes, saves and loads both variants (and the old ones); (calls, figures)."""
   config = ModelConfig(embedding_dim=_DIM.value)
   model = TwoTowerModel(config)
   strengthen_item_ids(model)
@@ -169,38 +284,39 @@ def build(out_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
              "scann_build_s": round(time.perf_counter() - started, 1),
              "tuning_attempts": len(tuned.attempts),
              "tuning_recall_at_10": round(tuned.recall[10], 4)}
-  common = dict(query_tower=model.query_tower, candidate_tower=model.candidate_tower,
-                item_ids=item_ids, item_embeddings=embeddings,
-                temperature=config.temperature, k=_K.value, max_history=config.max_history)
-  retrievers = {
-      "scann": servable.ScannRetriever(
-          index=tuned.layer,
-          num_reordering_candidates=tuned.params.num_reordering_candidates, **common),
-      "exact": servable.ExactRetriever(**common),
-  }
-  calls = {}
-  for name, retriever in retrievers.items():
-    path = os.path.join(out_dir, name)
-    retriever.save(path)
-    figures[f"{name}_saved_model_mb"] = round(sum(
-        os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-                                              / 2**20, 1)
-    signature = tf.saved_model.load(path).signatures["serving_default"]
+  paths = {f"{name}": path for name, path in save_variants(
+      model, config, item_ids, embeddings, tuned.params, tuned.layer, out_dir,
+      "new").items()}
+  if _OLD_TREE.value:
+    inputs = _save_inputs(model, item_ids, embeddings, tuned.params, out_dir)
+    env = {**os.environ, "SERVING_LATENCY_CODE": _old_code_root(_OLD_TREE.value, out_dir)}
+    subprocess.run([sys.executable, os.path.abspath(__file__), f"--save_old={inputs}",
+                    f"--out_dir={out_dir}", f"--dim={_DIM.value}", f"--k={_K.value}"],
+                   env=env, check=True)
+    paths.update({f"old_{name}": os.path.join(out_dir, f"old_{name}")
+                  for name in VARIANTS})
+  calls, loaded = {}, {}
+  for name, path in paths.items():
+    figures[f"{name}_saved_model_mb"] = saved_model_mb(path)
+    loaded[name] = tf.saved_model.load(path)
+    signature = loaded[name].signatures["serving_default"]
     calls[name] = lambda request, signature=signature: signature(**request)
+  floor = tf.saved_model.load(_floor_signature(out_dir)).signatures["serving_default"]
+  calls["floor"] = lambda request: floor(**request)
+  query = loaded["scann"].signatures["query_embedding"]
+  calls["scann_query_embedding"] = lambda request: query(**request)
   calls["query_tower"] = tower
-  raw = tf.function(lambda q: tuned.layer(q, k=_K.value))
-  calls["raw_scann"] = raw
+  calls["raw_scann"] = tf.function(lambda q: tuned.layer(q, k=_K.value))
   return {"calls": calls, "requests": make_requests, "held_out": held_out,
-          "tower": tower}, figures
+          "tower": tower, "paths": paths}, figures
 
 
 def measure(built: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
-  """Latency, throughput and recall of the loaded variants."""
+  """Latency, throughput and recall of the loaded variants; new / old ratios."""
   calls, make_requests = built["calls"], built["requests"]
   singles = make_requests(_SINGLE.value, 1, seed=2)
   embedded = [built["tower"](r) for r in singles]
-  inputs = {"scann": singles, "exact": singles, "query_tower": singles,
-            "raw_scann": embedded}
+  inputs = {name: embedded if name == "raw_scann" else singles for name in calls}
   interleaved_ms(calls, {n: v[:20] for n, v in inputs.items()})  # warm-up
   single = interleaved_ms(calls, inputs)
   for name, times in single.items():
@@ -208,31 +324,105 @@ def measure(built: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
     figures[f"{name}_p99_ms"] = round(float(np.percentile(times, 99)), 3)
 
   batches = make_requests(_BATCHES.value, _BATCH.value, seed=3)
-  variants = {name: calls[name] for name in ("scann", "exact")}
+  variants = {name: calls[name] for name in built["paths"]}
+  for call in variants.values():
+    call(batches[0])
   batch = interleaved_ms(variants, {name: batches for name in variants})
   for name, times in batch.items():
     figures[f"{name}_qps"] = round(_BATCH.value * len(times) / (times.sum() / 1e3), 1)
 
-  figures["ann_recall_at_10"] = round(float(np.mean([
-      recall_at_10(calls["scann"](r), calls["exact"](r)) for r in built["held_out"]])), 4)
+  for prefix in ("", "old_"):
+    if f"{prefix}scann" in calls:
+      figures[f"{prefix}ann_recall_at_10"] = round(float(np.mean([
+          recall_at_10(calls[f"{prefix}scann"](r), calls[f"{prefix}exact"](r))
+          for r in built["held_out"]])), 4)
   figures["exact_over_scann_p50"] = round(figures["exact_p50_ms"] /
                                           figures["scann_p50_ms"], 1)
   figures["scann_over_exact_qps"] = round(figures["scann_qps"] / figures["exact_qps"], 1)
+  if "old_scann" in calls:
+    for name in VARIANTS:
+      for stat in ("p50_ms", "p99_ms", "qps"):
+        figures[f"{name}_new_over_old_{stat}"] = round(
+            figures[f"{name}_{stat}"] / figures[f"old_{name}_{stat}"], 3)
   return figures
+
+
+def op_times(export_dir: str, runs: int = 200) -> dict[str, Any]:
+  """Median microseconds of each op of one single-query serving_default call.
+
+  Runs in a TF1 session (graph mode for the whole process, so in a child process):
+  its step stats time each op of the call, nested functions inlined.
+  """
+  import collections  # pylint: disable=g-import-not-at-top
+  import scann  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  tf.compat.v1.disable_eager_execution()
+  request = request_columns(np.array([b"topic0"], object),
+                            np.array([f"item{i}".encode() for i in range(100)], object),
+                            1, seed=4)
+  with tf.compat.v1.Session(graph=tf.Graph()) as session:
+    signature = tf.compat.v1.saved_model.load(session, ["serve"], export_dir
+                                              ).signature_def["serving_default"]
+    feeds = {spec.name: request[name] for name, spec in signature.inputs.items()}
+    fetches = {name: spec.name for name, spec in signature.outputs.items()}
+    for _ in range(20):
+      session.run(fetches, feeds)
+    took = collections.defaultdict(list)
+    options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
+    for _ in range(runs):
+      metadata = tf.compat.v1.RunMetadata()
+      session.run(fetches, feeds, options=options, run_metadata=metadata)
+      for device in metadata.step_stats.dev_stats:
+        for node in device.node_stats:
+          op = node.timeline_label.split("(")[0].split(" = ")[-1] or node.node_name
+          took[(node.node_name, op)].append(node.all_end_rel_micros)
+  median = {key: float(np.median(values)) for key, values in took.items()}
+  parts = collections.Counter()
+  for (name, op), micros in median.items():
+    if op.startswith("Scann>"):
+      parts["scann_ops"] += micros
+    elif "query_tower/" in name:
+      parts["query_tower"] += micros
+    else:
+      parts["other"] += micros
+  top = sorted(((m, op) for (_, op), m in median.items()), reverse=True)[:8]
+  return {"ops": len(median), "median_us_by_part": {k: round(v, 1) for k, v in parts.items()},
+          "top_ops_us": [[op, round(m, 1)] for m, op in top]}
+
+
+def _op_breakdown(paths: Mapping[str, str]) -> dict[str, Any]:
+  """op_times of each ScaNN export, each in a child process."""
+  found = {}
+  for name in ("scann", "old_scann"):
+    if name in paths:
+      out = os.path.join(os.path.dirname(paths[name]), f"{name}_ops.json")
+      subprocess.run([sys.executable, os.path.abspath(__file__),
+                      f"--step_stats={paths[name]}", f"--json_out={out}"], check=True)
+      with open(out) as f:
+        found[name] = json.load(f)
+  return found
 
 
 def report(figures: dict[str, Any]) -> None:
   """Prints the table."""
   print(f"\nserving_default over {figures['num_items']:,} x {figures['dim']}, "
         f"k={figures['k']}, {figures['cpus']} CPUs")
-  print(f"{'':<22}{'p50 ms':>9}{'p99 ms':>9}{'qps@' + str(_BATCH.value):>11}{'MB':>8}")
-  for name in ("scann", "exact"):
-    print(f"{name + ' SavedModel':<22}{figures[name + '_p50_ms']:>9.3f}"
-          f"{figures[name + '_p99_ms']:>9.3f}{figures[name + '_qps']:>11.1f}"
-          f"{figures[name + '_saved_model_mb']:>8.1f}")
-  for name in ("query_tower", "raw_scann"):
-    print(f"{name + ' alone':<22}{figures[name + '_p50_ms']:>9.3f}"
+  print(f"{'':<28}{'p50 ms':>9}{'p99 ms':>9}{'qps@' + str(_BATCH.value):>11}{'MB':>8}")
+  for name in ("scann", "old_scann", "exact", "old_exact"):
+    if f"{name}_p50_ms" in figures:
+      print(f"{name + ' SavedModel':<28}{figures[name + '_p50_ms']:>9.3f}"
+            f"{figures[name + '_p99_ms']:>9.3f}{figures[name + '_qps']:>11.1f}"
+            f"{figures[name + '_saved_model_mb']:>8.1f}")
+  for name in ("floor", "scann_query_embedding", "query_tower", "raw_scann"):
+    print(f"{name + ' alone':<28}{figures[name + '_p50_ms']:>9.3f}"
           f"{figures[name + '_p99_ms']:>9.3f}")
+  for name in VARIANTS:
+    if f"{name}_new_over_old_p50_ms" in figures:
+      print(f"{name} new / old: p50 {figures[name + '_new_over_old_p50_ms']}, p99 "
+            f"{figures[name + '_new_over_old_p99_ms']}, qps "
+            f"{figures[name + '_new_over_old_qps']}")
+  for name, found in figures.get("op_breakdown", {}).items():
+    print(f"{name} serving_default, {found['ops']} ops, median us by part: "
+          f"{found['median_us_by_part']}; top: {found['top_ops_us'][:4]}")
   print(f"ANN recall@10 vs exact: {figures['ann_recall_at_10']:.4f}; exact/ScaNN p50 "
         f"{figures['exact_over_scann_p50']}x; ScaNN/exact qps "
         f"{figures['scann_over_exact_qps']}x")
@@ -242,14 +432,26 @@ def report(figures: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  if _SAVE_OLD.value:
+    save_old(_SAVE_OLD.value, _OUT.value)
+    return
+  if _STEP_STATS.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(op_times(_STEP_STATS.value), f)
+    return
   started = time.perf_counter()
   out_dir = _OUT.value or tempfile.mkdtemp(prefix="serving_latency-")
+  breakdown: Optional[dict[str, Any]] = None
   try:
     built, figures = build(out_dir)
     figures = measure(built, figures)
+    if _OP_BREAKDOWN.value:
+      breakdown = _op_breakdown(built["paths"])
   finally:
     if not _OUT.value:
       shutil.rmtree(out_dir, ignore_errors=True)
+  if breakdown is not None:
+    figures["op_breakdown"] = breakdown
   figures["total_s"] = round(time.perf_counter() - started, 1)
   report(figures)
   if _JSON.value:

@@ -15,7 +15,10 @@ back and replayed, and only then published:
 
 `export_day` is `build_export` (compute: embed, tune the index, make the
 servables and their metadata) then `write_export` (stage, warm up, verify,
-publish). Both variants of one export share the version number, one more than
+publish). A caller exporting day after day (the daily job) keeps one
+`ExportState`: its servables hold the corpus and the ScaNN index in variables
+over the trainer's live towers, so each export assigns that day's corpus and
+saves the same objects again, with no tracing and no Keras objects built. Both variants of one export share the version number, one more than
 any existing version of either (and at least `min_version`, a high-water mark
 the daily job keeps), and the exact one is published last, so an exact version
 implies its ScaNN twin. A failed export (recall below min_ann_recall, bad
@@ -34,6 +37,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import functools
 import os
 import platform
 import time
@@ -150,9 +154,14 @@ class ExportState:
   Attributes:
     embedder: the towers' traced functions.
     published: the versions published last, loaded (share it with the evaluation).
+    retrievers: the servables of the last export, by model name: the next export
+      of the same towers assigns its corpus to them and saves them again, tracing
+      nothing (`_retrievers`). They hold that corpus (ids, embeddings, ScaNN
+      index) between exports.
   """
   embedder: Embedder = dataclasses.field(default_factory=Embedder)
   published: LoadedExports = dataclasses.field(default_factory=LoadedExports)
+  retrievers: dict[str, servable.Retriever] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +169,8 @@ class BuiltExport:
   """Both servables of an export, computed but not written.
 
   Attributes:
-    retrievers: by model name (MODELS).
+    retrievers: by model name (MODELS); those of an ExportState, which the next
+      build_export with that state reassigns: write them before.
     metadata: by model name, each version's metadata.json but its "version".
     requests: the query features of the warm-up requests.
     started: time.perf_counter() when the export began.
@@ -188,15 +198,20 @@ def check_label(position: trainer_lib.TrainedPosition, day: datetime.date) -> No
 
 
 def data_range(workdir: str, day: datetime.date) -> dict[str, Any]:
-  """The days with examples under W/data up to `day`: what the model may have seen."""
-  days = [d for d in workdir_lib.partition_dates(workdir_lib.Workdir(workdir).data_root)
-          if d <= day and data.example_files(workdir, d)]
+  """The days with examples under W/data up to `day`: what the model may have seen.
+
+  One glob over W/data (not one per day: a catch-up's 200th day would list 200
+  directories one by one).
+  """
+  found = workdir_lib.partition_files(workdir_lib.Workdir(workdir).data_root,
+                                      data.EXAMPLES_PATTERN)
+  days = [d for d in found if d <= day]
   return {"first_day": days[0].isoformat() if days else None,
           "last_day": days[-1].isoformat() if days else None, "num_days": len(days)}
 
 
-def stack_versions() -> dict[str, str]:
-  """Versions of the libraries an export depends on."""
+@functools.lru_cache(maxsize=1)
+def _stack_versions() -> tuple[tuple[str, str], ...]:
   from importlib import metadata  # pylint: disable=g-import-not-at-top
   packages = ("tensorflow", "tf-keras", "tensorflow-recommenders", "scann",
               "tensorflow-serving-api", "numpy")
@@ -206,7 +221,12 @@ def stack_versions() -> dict[str, str]:
       found[name] = metadata.version(name)
     except metadata.PackageNotFoundError:
       found[name] = "not installed"
-  return found
+  return tuple(found.items())
+
+
+def stack_versions() -> dict[str, str]:
+  """Versions of the libraries an export depends on (looked up once a process)."""
+  return dict(_stack_versions())
 
 
 def _day_queries(workdir: str, day: datetime.date, item_ids: np.ndarray,
@@ -235,27 +255,47 @@ def _ann_metadata(tuned: index.TunedScann, k: int, max_k: int, num_items: int,
 
 
 def _retrievers(model: tf.keras.Model, config: ModelConfig, item_ids: np.ndarray,
-                item_embeddings: np.ndarray, tuned: index.TunedScann, k: int
-                ) -> dict[str, servable.Retriever]:
-  """The two servables over one corpus, by model name."""
-  common = dict(query_tower=model.query_tower, candidate_tower=model.candidate_tower,
-                item_ids=item_ids, item_embeddings=item_embeddings,
-                temperature=config.temperature, k=k, max_history=config.max_history)
-  return {
-      versions.SCANN_MODEL: servable.ScannRetriever(
-          index=tuned.layer,
-          num_reordering_candidates=tuned.params.num_reordering_candidates, **common),
-      versions.EXACT_MODEL: servable.ExactRetriever(**common),
-  }
+                item_embeddings: np.ndarray, tuned: index.TunedScann, k: int,
+                kept: dict[str, servable.Retriever]) -> dict[str, servable.Retriever]:
+  """The two servables over one corpus, by model name.
+
+  Those in `kept` that serve the same towers, temperature, history and
+  serving_default k take the new corpus (updated in place: nothing is traced
+  again); the others are made anew and kept.
+  """
+  kinds = {versions.SCANN_MODEL: servable.ScannRetriever,
+           versions.EXACT_MODEL: servable.ExactRetriever}
+  limits = {versions.SCANN_MODEL: {
+                "num_reordering_candidates": tuned.params.num_reordering_candidates},
+            versions.EXACT_MODEL: {}}
+  search = {versions.SCANN_MODEL: {"index": tuned.layer, **limits[versions.SCANN_MODEL]},
+            versions.EXACT_MODEL: {}}
+  for name, kind in kinds.items():
+    held = kept.get(name)
+    if held is not None and held.serves(
+        model.query_tower, model.candidate_tower, config.temperature,
+        config.max_history, kind.serving_k(k, len(item_ids), **limits[name])):
+      held.update(item_ids, item_embeddings, k, **search[name])
+    else:
+      kept[name] = kind(query_tower=model.query_tower,
+                        candidate_tower=model.candidate_tower, item_ids=item_ids,
+                        item_embeddings=item_embeddings, temperature=config.temperature,
+                        k=k, max_history=config.max_history, **search[name])
+  return {name: kept[name] for name in kinds}
 
 
 def build_export(model: tf.keras.Model, config: ModelConfig, workdir: str,
                  day: datetime.date, settings: ExportSettings,
                  position: trainer_lib.TrainedPosition,
-                 embedder: Optional[Embedder] = None) -> BuiltExport:
-  """Embeds and indexes day D's corpus; the two servables and their metadata."""
+                 state: Optional[ExportState] = None) -> BuiltExport:
+  """Embeds and indexes day D's corpus; the two servables and their metadata.
+
+  The servables are those of `state` when they fit (reassigned: an export made
+  from them holds this corpus); `state` keeps the ones made here.
+  """
   started = time.perf_counter()
-  embedder = embedder or Embedder()
+  state = state or ExportState()
+  embedder = state.embedder
   pattern = settings.corpus_glob or os.path.join(
       workdir_lib.Workdir(workdir).data_dir(day), corpus_lib.CORPUS_PATTERN)
   item_ids, corpus = corpus_lib.read_corpus(pattern)
@@ -266,7 +306,8 @@ def build_export(model: tf.keras.Model, config: ModelConfig, workdir: str,
   tuned = index.tune_scann(item_embeddings, embedder(model.query_tower, queries), k=k,
                            max_fetch=k + config.max_history,
                            min_recall=settings.min_ann_recall, params=settings.scann_params)
-  retrievers = _retrievers(model, config, item_ids, item_embeddings, tuned, k)
+  retrievers = _retrievers(model, config, item_ids, item_embeddings, tuned, k,
+                           state.retrievers)
   shared = {
       "day": day.isoformat(), "trained": position.to_json(),
       "data_range": data_range(workdir, day),
@@ -385,5 +426,5 @@ def export_day(model: tf.keras.Model, config: ModelConfig, workdir: str,
   for name in MODELS:
     versions.require_directory(workdir_lib.Workdir(workdir).exports_base(name))
   state = state or ExportState()
-  built = build_export(model, config, workdir, day, settings, position, state.embedder)
+  built = build_export(model, config, workdir, day, settings, position, state)
   return write_export(built, workdir, min_version, state.published)

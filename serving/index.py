@@ -4,8 +4,10 @@ The ScaNN index (`ScannIndex`) is a ScaNN searcher over the embeddings, built wi
 ScaNN's TF ops and returning row numbers into the corpus; the servable maps rows
 to item ids. Its parameters come from the corpus size (`scann_params`) and are
 verified against exact search on held-out queries (`tune_scann`): when recall@10
-falls short, the search is widened and the index rebuilt, and the export fails if
-even the widest setting misses the bar.
+falls short, the search is widened (leaves searched and candidates reordered are
+settings of each search, so the index is built once), and the export fails if
+even the widest setting misses the bar. A servable holds the index it serves in
+`ScannVariables`, which take each day's index without tracing anything again.
 
 Two properties of the ScaNN op shape the parameters here:
   * with reordering, a search returns at most `num_reordering_candidates`
@@ -21,9 +23,10 @@ Two properties of the ScaNN op shape the parameters here:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
-from typing import Optional
+from typing import Callable, Optional
 import uuid
 
 from absl import logging
@@ -33,10 +36,15 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 RECALL_K = 10
-# Rebuilds tried after the first index before the export gives up.
+# Widenings tried after the first search before the export gives up.
 MAX_RETUNES = 4
 # Queries per exact-search block: bounds the [queries, corpus] score matrix.
 _EXACT_QUERY_BLOCK = 64
+# ScaNN's serialized searcher (scann_ops.ScannState), in the order of ScaNN's
+# ScannToTensors outputs.
+STATE_TENSORS = ("scann_config", "serialized_partitioner", "datapoint_to_token",
+                 "ah_codebook", "hashed_dataset", "int8_dataset", "int8_multipliers",
+                 "dp_norms", "dataset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,26 +101,49 @@ def scann_params(num_items: int, max_fetch: int) -> ScannParams:
   return ScannParams(num_leaves, to_search, reorder)
 
 
-class ScannIndex(tf.Module):
+def leaves_for(leaf_cover: tf.Tensor, num_leaves_to_search: tf.Tensor,
+               k: tf.Tensor) -> tf.Tensor:
+  """The leaves to search for k neighbours: int32 scalar.
+
+  At least `num_leaves_to_search`, and enough that any choice of leaves holds k
+  points: `leaf_cover` [num_leaves] is the running sum of the leaf sizes, smallest
+  first, so entry i is the fewest points any i + 1 leaves hold together.
+  """
+  k = tf.reshape(tf.cast(k, tf.int64), [1])
+  needed = tf.searchsorted(leaf_cover, k, side="left", out_type=tf.int64)[0] + 1
+  leaves = tf.clip_by_value(needed, tf.cast(num_leaves_to_search, tf.int64),
+                            tf.shape(leaf_cover, out_type=tf.int64)[0])
+  return tf.cast(leaves, tf.int32)
+
+
+def _parallel(queries: tf.Tensor) -> tf.Tensor:
+  """Whether ScaNN spreads the search over threads: for all but single queries
+  (handing one query to ScaNN's thread pool made it 8-15% slower at 1M x 64;
+  its serial search fails on an empty batch, which the parallel one answers)."""
+  return tf.not_equal(tf.shape(queries)[0], 1)
+
+
+class ScannIndex:
   """A ScaNN searcher over embeddings [n, d] (dot product) that returns row numbers.
 
+  Built in this process (the export builds one a day and measures its recall).
   Call it as `index(queries [B, d], k)` -> (scores [B, <=k], rows int32 [B, <=k]);
   k may be a tensor (one value per call). A search covers
-  max(num_leaves_to_search, `leaves_for(k)`) leaves: enough that k real
-  neighbours come back whenever k <= num_reordering_candidates and k <= n. The
-  searcher is kept as ScaNN's tensors (`state`), so a SavedModel that tracks this
-  module restores it; loading one needs ScaNN's ops.
+  max(num_leaves_to_search, `leaves_for(k)`) leaves and reorders
+  `num_reordering_candidates`, both given to each search (`with_search` changes
+  them without building again): k real neighbours come back whenever
+  k <= num_reordering_candidates and k <= n. `ScannVariables` holds its `tensors`
+  for a servable, which searches them the same way.
 
   Attributes:
-    state: scann_ops.ScannState, the searcher's tensors.
-    leaf_cover: int64 variable [num_leaves]: entry i is the fewest points any i + 1
-      leaves hold together (the running sum of the leaf sizes, smallest first).
-    params: the ScannParams it was built with.
+    tensors: the searcher as ScaNN's tensors (`STATE_TENSORS`, in that order).
+    leaf_cover: int64 tensor [num_leaves] (see `leaves_for`).
+    params: the ScannParams it searches with (its tree and hashing were built with
+      the same num_leaves, dimensions_per_block and training_iterations).
   """
 
   def __init__(self, embeddings: tf.Tensor, params: ScannParams, k: int,
                name: str = "scann"):
-    super().__init__(name=name)
     database = tf.convert_to_tensor(embeddings, tf.float32)
     builder = (scann_ops.builder(database, num_neighbors=k,
                                  distance_measure="dot_product")
@@ -122,28 +153,121 @@ class ScannIndex(tf.Module):
                .score_ah(dimensions_per_block=params.dimensions_per_block)
                .reorder(params.num_reordering_candidates))
     # A unique shared name: two indexes in one process must not share a searcher.
-    self.state = builder.build(shared_name=f"{name}/{uuid.uuid4()}").serialize_to_module()
-    tokens = self.state.datapoint_to_token.numpy().astype(np.int64)
-    sizes = np.bincount(tokens, minlength=params.num_leaves)
-    self.leaf_cover = tf.Variable(np.cumsum(np.sort(sizes)), trainable=False,
-                                  name="leaf_cover")
+    self._searcher = builder.build(shared_name=f"{name}/{uuid.uuid4()}")
+    self.tensors = tuple(scann_ops.scann_to_tensors(self._searcher.searcher_handle))
+    tokens = self.tensors[STATE_TENSORS.index("datapoint_to_token")].numpy()
+    sizes = np.bincount(tokens.astype(np.int64), minlength=params.num_leaves)
+    self.leaf_cover = tf.constant(np.cumsum(np.sort(sizes)), tf.int64)
     self.params = params
+
+  def with_search(self, params: ScannParams) -> "ScannIndex":
+    """This index searching with `params`' leaves and reorder count (no new build).
+
+    Raises:
+      ValueError: `params` differs in what the build fixed.
+    """
+    built = dataclasses.replace(params, num_leaves_to_search=0,
+                                num_reordering_candidates=0)
+    if built != dataclasses.replace(self.params, num_leaves_to_search=0,
+                                    num_reordering_candidates=0):
+      raise ValueError(f"{params} needs a new build of the index built with {self.params}")
+    searching = copy.copy(self)
+    searching.params = params
+    return searching
 
   def leaves_for(self, k: tf.Tensor) -> tf.Tensor:
     """The leaves to search for k neighbours: int32 scalar."""
-    k = tf.reshape(tf.cast(k, tf.int64), [1])
-    needed = tf.searchsorted(self.leaf_cover, k, side="left", out_type=tf.int64)[0] + 1
-    leaves = tf.clip_by_value(needed, self.params.num_leaves_to_search,
-                              tf.shape(self.leaf_cover, out_type=tf.int64)[0])
-    return tf.cast(leaves, tf.int32)
+    return leaves_for(self.leaf_cover, self.params.num_leaves_to_search, k)
 
   def __call__(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     k = tf.cast(k, tf.int32)
-    searcher = scann_ops.searcher_from_module(self.state)
-    found = searcher.search_batched_parallel(
-        tf.convert_to_tensor(queries, tf.float32), final_num_neighbors=k,
-        leaves_to_search=self.leaves_for(k))
+    queries = tf.convert_to_tensor(queries, tf.float32)
+    found = scann_ops.scann_search_batched(
+        self._searcher.searcher_handle, queries, k, self.params.num_reordering_candidates,
+        self.leaves_for(k), _parallel(queries))
     return found.distances, found.indices
+
+
+@dataclasses.dataclass(frozen=True)
+class _Held:
+  """Functions kept off a tf.Module's tracked attributes (SavedModel children)."""
+  recreate_handle: Callable[[], tf.Tensor]
+
+
+class ScannVariables(tf.Module):
+  """A ScaNN searcher kept in variables, reassigned with each day's index (`assign`).
+
+  A servable tracks it, so its SavedModel holds the searcher (loading one needs
+  ScaNN's ops), and the same module, traced once, serves every day's corpus: the
+  variables take any shape. In a graph, `self(queries, k)` searches as
+  `ScannIndex` does. ScaNN keeps a float copy of the corpus for the reorder; when
+  it is the corpus embeddings themselves (it is for the dot product), the
+  servable's `embeddings` variable is that copy and `state["dataset"]` is empty,
+  so a SavedModel holds the floats once. ScaNN's TensorsToScann kernel builds its
+  searcher on its first run and keeps it: a process (a loaded SavedModel) searches
+  the index it first ran with, so search a saved and loaded copy, never this live
+  object after an `assign`.
+
+  Attributes:
+    state: ScaNN's tensors by name (STATE_TENSORS), variables of any shape.
+    embeddings: the corpus embeddings [n, d] (a variable the caller assigns).
+    leaf_cover: int64 variable [num_leaves] (see `leaves_for`).
+    search: int32 variable [2]: the fewest leaves a search covers, and the
+      candidates it reorders.
+  """
+
+  def __init__(self, index: ScannIndex, embeddings: tf.Variable, name: str = "scann"):
+    super().__init__(name=name)
+    self.embeddings = embeddings
+    self.state = {key: tf.Variable(value, trainable=False, shape=tf.TensorShape(None),
+                                   name=key)
+                  for key, value in zip(STATE_TENSORS, index.tensors)}
+    self.leaf_cover = tf.Variable(index.leaf_cover, trainable=False,
+                                  shape=tf.TensorShape([None]), name="leaf_cover")
+    self.search = tf.Variable([0, 0], trainable=False, dtype=tf.int32, name="search")
+    # One function that every signature calls, so a loaded SavedModel builds one
+    # searcher; held outside the tracked attributes, so that only the signatures
+    # that call it save it.
+    self._held = _Held(tf.function(self._recreate_handle, input_signature=[]))
+    self.assign(index)
+
+  def assign(self, index: ScannIndex) -> None:
+    """Makes `index` the searcher (takes effect in SavedModels written after).
+
+    Assign the corpus embeddings it was built over to `embeddings` first.
+    """
+    for key, value in zip(STATE_TENSORS, index.tensors):
+      if key == "dataset" and _same(value, self.embeddings):
+        value = tf.zeros([0], tf.float32)
+      self.state[key].assign(value)
+    self.leaf_cover.assign(index.leaf_cover)
+    self.search.assign([index.params.num_leaves_to_search,
+                        index.params.num_reordering_candidates])
+
+  def _recreate_handle(self) -> tf.Tensor:
+    """The searcher built from the variables (ScaNN builds it once per kernel)."""
+    state = self.state
+    dataset = tf.cond(tf.size(state["dataset"]) > 0, state["dataset"].read_value,
+                      self.embeddings.read_value)
+    return scann_ops.tensors_to_scann(
+        dataset, state["scann_config"], state["serialized_partitioner"],
+        state["datapoint_to_token"], state["ah_codebook"], state["hashed_dataset"],
+        state["int8_dataset"], state["int8_multipliers"], state["dp_norms"])
+
+  def __call__(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    k = tf.cast(k, tf.int32)
+    queries = tf.convert_to_tensor(queries, tf.float32)
+    found = scann_ops.scann_search_batched(
+        self._held.recreate_handle(), queries, k, self.search[1],
+        leaves_for(self.leaf_cover, self.search[0], k), _parallel(queries))
+    return found.distances, found.indices
+
+
+def _same(tensor: tf.Tensor, variable: tf.Variable) -> bool:
+  """Whether `tensor` holds exactly the value of `variable`."""
+  value = variable.read_value()
+  return (tensor.dtype == value.dtype and tensor.shape == value.shape and
+          bool(tf.reduce_all(tf.equal(tensor, value))))
 
 
 def build_scann(embeddings: tf.Tensor, params: ScannParams, k: int) -> ScannIndex:
@@ -248,8 +372,9 @@ def tune_scann(embeddings: np.ndarray, queries: np.ndarray, k: int, max_fetch: i
   cutoffs = sorted({min(RECALL_K, num_items), min(k, num_items)})
   exact_scores, _ = exact_top_k_numpy(queries, embeddings, cutoffs[-1])
   attempts = []
+  built = build_scann(embeddings, params, k=min(k, num_items))
   for _ in range(MAX_RETUNES + 1):
-    layer = build_scann(embeddings, params, k=min(k, num_items))
+    layer = built.with_search(params)
     rows = scann_rows(layer, queries, cutoffs[-1])
     recall = {c: recall_against_exact(rows, queries, embeddings, exact_scores, c)
               for c in cutoffs}

@@ -24,10 +24,9 @@ than the model's `max_history` is cut to its most recent items, as in training.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence
 
 import tensorflow as tf
-import tensorflow_recommenders as tfrs
 
 from models import features as features_lib
 from serving import index as index_lib
@@ -45,16 +44,6 @@ def _retrieve_signature() -> dict[str, tf.TensorSpec]:
       "k": tf.TensorSpec([], tf.int32, name="k"),
       "exclude_item_ids": tf.TensorSpec([None, None], tf.string, name="exclude_item_ids"),
   }
-
-
-_TensorOrVariable = Union[tf.Tensor, tf.Variable]
-
-
-def _variable(value: _TensorOrVariable, name: str) -> tf.Variable:
-  """`value` itself if it is a variable, else a new non-trainable one holding it."""
-  if isinstance(value, tf.Variable):
-    return value
-  return tf.Variable(value, trainable=False, name=name)
 
 
 # Fingerprints live in [0, _KEY_SPACE); -1 pads every exclusion row so that it
@@ -79,17 +68,19 @@ def excluded(ids: tf.Tensor, exclude: tf.Tensor) -> tf.Tensor:
   return tf.equal(tf.gather(keys, at, batch_dims=1), wanted)[:, :-1]
 
 
-def _check_batch(features: Mapping[str, tf.Tensor]) -> list[tf.Operation]:
-  """Asserts that every feature has the batch size of the first."""
+def _check_batch(features: Mapping[str, tf.Tensor]) -> tf.Operation:
+  """One assertion that every feature has the same batch size (naming them all)."""
   names = sorted(features)
-  batch = tf.shape(features[names[0]])[0]
-  return [
-      tf.debugging.assert_equal(
-          tf.shape(features[name])[0], batch,
-          message=f"request features disagree on the batch size: {name!r} vs "
-                  f"{names[0]!r}")
-      for name in names[1:]
-  ]
+  sizes = tf.stack([tf.shape(features[name], out_type=tf.int32)[0] for name in names])
+  return tf.debugging.Assert(
+      tf.reduce_all(tf.equal(sizes, sizes[0])),
+      [f"request features disagree on the batch size: {', '.join(names)} have", sizes])
+
+
+def _checked(features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  """`features`, computed only after `_check_batch` passed."""
+  with tf.control_dependencies([_check_batch(features)]):
+    return {name: tf.identity(value) for name, value in features.items()}
 
 
 def build_tower(tower: tf.keras.Model, names: Sequence[str]) -> None:
@@ -106,10 +97,11 @@ def build_tower(tower: tf.keras.Model, names: Sequence[str]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Untracked:
-  """Keras objects held outside the tracked object graph (see Retriever)."""
+  """Held outside the tracked object graph (see Retriever): the Keras towers and
+  the tf.functions of the signatures, by signature name."""
   query: tf.keras.Model
   candidate: tf.keras.Model
-  search: Optional[tf.keras.layers.Layer] = None
+  functions: dict[str, tf.types.experimental.PolymorphicFunction]
 
 
 def _state(*models: tf.keras.layers.Layer) -> list[object]:
@@ -122,41 +114,66 @@ def _state(*models: tf.keras.layers.Layer) -> list[object]:
   return list(found.values())
 
 
-class Retriever(tf.Module):
-  """Query tower + a search over the item embeddings; subclasses choose the search.
+def _corpus_variable(value: tf.Tensor, name: str) -> tf.Variable:
+  """A non-trainable variable of `value`'s rank and any size (a later corpus may
+  differ in size). The rank stays known: a MatMul over an operand of unknown rank
+  took 25% longer (1 x 64 by 300k x 64)."""
+  return tf.Variable(value, trainable=False, shape=tf.TensorShape([None] * value.shape.rank),
+                     name=name)
 
-  The SavedModel tracks the towers' variables and resources, not the Keras models:
-  saving a tracked Keras model also traces and writes every layer's Keras call
-  functions, seconds per export that no signature uses. Towers never called are
-  built first (`build_tower`), so that those variables all exist. `item_ids` and
-  `item_embeddings` may be given as variables, so a search layer's own copy
-  (ExactRetriever's) is the one saved.
+
+class Retriever(tf.Module):
+  """Query tower + a search over a corpus held in variables; subclasses choose the search.
+
+  Made once and kept (serving/exporter.py keeps one per variant across days): the
+  signatures are traced once, on the live towers, and each day's corpus is
+  assigned to the variables (`update`), so saving again writes that day's
+  version without tracing anything. The SavedModel tracks the towers' variables
+  and resources, not the Keras models (saving a tracked Keras model also traces
+  and writes every layer's Keras call functions, seconds per export that no
+  signature uses), and the signatures, not the tf.functions behind them (which
+  would be saved a second time, traced again for saving). Towers never called are
+  built first (`build_tower`), so that those variables all exist.
+
+  `k` is fixed: serving_default's outputs are [B, k] in the signature. A
+  retriever serves a corpus only while min(export k, what the search can
+  return) is that k (`serves`); `max_k` and the rest follow each corpus.
 
   Attributes:
-    query_tower, candidate_tower: the trained towers (Keras models).
+    query_tower, candidate_tower: the towers (Keras models).
     item_ids: string variable [n], the corpus.
     item_embeddings: float32 variable [n, d], the candidate tower's output.
     k: the number of items `serving_default` returns.
-    max_k: the most items one request may ask `retrieve` for.
+    max_k: the most items one request may ask `retrieve` for (this corpus).
   """
 
   def __init__(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
-               item_ids: _TensorOrVariable, item_embeddings: _TensorOrVariable,
-               temperature: float, k: int, max_history: int, max_k: int, name: str,
-               search: Optional[tf.keras.layers.Layer] = None):
+               temperature: float, k: int, max_history: int, name: str):
     super().__init__(name=name)
-    if not 1 <= k <= max_k:
-      raise ValueError(f"need 1 <= k <= max_k, got k={k}, max_k={max_k}")
+    if k < 1:
+      raise ValueError(f"need k >= 1, got k={k}")
     build_tower(query_tower, features_lib.QUERY_FEATURES)
     build_tower(candidate_tower, features_lib.CANDIDATE_FEATURES)
-    self._keras = _Untracked(query_tower, candidate_tower, search)
+    query_signature = [features_lib.query_input_signature()]
+    self._keras = _Untracked(query_tower, candidate_tower, {
+        SERVING_DEFAULT: tf.function(self._serve, input_signature=query_signature),
+        RETRIEVE: tf.function(self._retrieve, input_signature=[_retrieve_signature()]),
+        QUERY_EMBEDDING: tf.function(self._query_embedding,
+                                     input_signature=query_signature),
+        CANDIDATE_EMBEDDING: tf.function(
+            self._candidate_embedding,
+            input_signature=[features_lib.candidate_input_signature()]),
+    })
     self.tower_state = _state(query_tower, candidate_tower)
-    self.item_ids = _variable(item_ids, "item_ids")
-    self.item_embeddings = _variable(item_embeddings, "item_embeddings")
+    self.item_ids = _corpus_variable(tf.zeros([0], tf.string), "item_ids")
+    self.item_embeddings = _corpus_variable(tf.zeros([0, 0], tf.float32),
+                                            "item_embeddings")
+    # The most items `retrieve` returns, and the most neighbours a search fetches.
+    self.limits = tf.Variable([0, 0], trainable=False, dtype=tf.int32, name="limits")
     self.k = k
-    self.max_k = max_k
-    self._temperature = float(temperature)
-    self._max_history = max_history
+    self.max_k = 0
+    self.temperature = float(temperature)
+    self.max_history = max_history
 
   @property
   def query_tower(self) -> tf.keras.Model:
@@ -167,91 +184,112 @@ class Retriever(tf.Module):
     return self._keras.candidate
 
   @property
-  def num_items(self) -> int:
-    return int(self.item_ids.shape[0])
+  def functions(self) -> dict[str, tf.types.experimental.PolymorphicFunction]:
+    """The tf.functions behind the signatures, by signature name."""
+    return dict(self._keras.functions)
 
-  def _fetch_limit(self) -> int:
-    """The most neighbours the search can return for one query."""
-    raise NotImplementedError
+  def serves(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
+             temperature: float, max_history: int, k: int) -> bool:
+    """Whether this retriever, updated, is the one these arguments would make
+    (`k`: serving_default's, the subclass's `serving_k`)."""
+    return (query_tower is self.query_tower and candidate_tower is self.candidate_tower
+            and float(temperature) == self.temperature
+            and max_history == self.max_history and k == self.k)
+
+  def _assign_corpus(self, item_ids: tf.Tensor, item_embeddings: tf.Tensor, k: int,
+                     max_k: int, fetch_limit: int) -> None:
+    """Makes `item_ids` [n] and `item_embeddings` [n, d] the corpus."""
+    if k != self.k:
+      raise ValueError(f"this retriever serves k={self.k}; the corpus of "
+                       f"{len(item_ids)} items needs k={k}: make a new one")
+    if not 1 <= k <= max_k:
+      raise ValueError(f"need 1 <= k <= max_k, got k={k}, max_k={max_k}")
+    self.item_ids.assign(tf.convert_to_tensor(item_ids, tf.string))
+    self.item_embeddings.assign(tf.convert_to_tensor(item_embeddings, tf.float32))
+    self.limits.assign([max_k, fetch_limit])
+    self.max_k = max_k
 
   def _search(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(dot products [B, <=k], item ids [B, <=k]); NaN scores mark missing results."""
+    """(dot products [B, <=k], item ids [B, <=k]), best first; NaN scores mark
+    missing results."""
     raise NotImplementedError
 
   def _embed_query(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
-    with tf.control_dependencies(_check_batch(features)):
-      history = features["history_item_ids"][:, :self._max_history]
-      query = {name: tf.identity(features[name])
-               for name in features_lib.QUERY_FEATURES}
-    query["history_item_ids"] = history
+    """The query tower over checked features, traced into each signature that
+    needs it: calling one shared tf.function instead made the SavedModel smaller
+    but serving_default 5% slower (a nested call per request)."""
+    query = _checked({name: features[name] for name in features_lib.QUERY_FEATURES})
+    query["history_item_ids"] = query["history_item_ids"][:, :self.max_history]
     return self.query_tower(query, training=False)
 
-  def _top_k(self, queries: tf.Tensor, k: tf.Tensor,
-             exclude: tf.Tensor) -> dict[str, tf.Tensor]:
-    """The best k items not excluded, padded to exactly k with ("", -inf).
+  def _scores(self, scores: tf.Tensor, ids: tf.Tensor, valid: tf.Tensor
+              ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Scores / temperature and ids where `valid`, else (-inf, "")."""
+    return (tf.where(valid, scores / self.temperature, float("-inf")),
+            tf.where(valid, ids, ""))
+
+  def _serve(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """serving_default: the top `k` items for each query.
+
+    A search returns its items best first, so without exclusions they only need
+    masking and padding to k.
+    """
+    scores, ids = self._search(self._embed_query(features), tf.constant(self.k))
+    scores, ids = self._scores(scores, ids, tf.logical_not(tf.math.is_nan(scores)))
+    missing = self.k - tf.shape(scores)[1]
+    scores = tf.pad(scores, [[0, 0], [0, missing]], constant_values=float("-inf"))
+    ids = tf.pad(ids, [[0, 0], [0, missing]], constant_values="")
+    scores.set_shape([None, self.k])
+    ids.set_shape([None, self.k])
+    return {"item_ids": ids, "scores": scores}
+
+  def _retrieve(self, request: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """retrieve: the top `k` items of each query, leaving out that row's
+    `exclude_item_ids`, padded to exactly k with ("", -inf).
 
     Fetches k + E neighbours, then drops the excluded ones by fingerprint
     (`excluded`), so the search itself never sees the exclusions.
     """
-    fetch = tf.minimum(k + tf.shape(exclude)[1], self._fetch_limit())
-    scores, ids = self._search(queries, fetch)
-    valid = tf.logical_not(tf.math.is_nan(scores))
-    valid = tf.logical_and(valid, tf.logical_not(excluded(ids, exclude)))
-    scores = tf.where(valid, scores / self._temperature, float("-inf"))
-    ids = tf.where(valid, ids, "")
+    k, exclude = request["k"], request["exclude_item_ids"]
+    max_k, fetch_limit = self.limits[0], self.limits[1]
+    checks = [
+        tf.debugging.Assert(k >= 1, ["k must be >= 1, got", k]),
+        tf.debugging.Assert(k <= max_k, ["k must be <= max_k =", max_k, ", got", k]),
+        tf.debugging.Assert(
+            tf.equal(tf.shape(exclude)[0], tf.shape(request["user_id"])[0]),
+            ["exclude_item_ids must have one row per query; rows:", tf.shape(exclude)[0],
+             "queries:", tf.shape(request["user_id"])[0]]),
+    ]
+    with tf.control_dependencies(checks):
+      k = tf.identity(k)
+    fetch = tf.minimum(k + tf.shape(exclude)[1], fetch_limit)
+    scores, ids = self._search(self._embed_query(request), fetch)
+    valid = tf.logical_and(tf.logical_not(tf.math.is_nan(scores)),
+                           tf.logical_not(excluded(ids, exclude)))
+    scores, ids = self._scores(scores, ids, valid)
     missing = tf.maximum(k - tf.shape(scores)[1], 0)
     scores = tf.pad(scores, [[0, 0], [0, missing]], constant_values=float("-inf"))
     ids = tf.pad(ids, [[0, 0], [0, missing]], constant_values="")
     top = tf.math.top_k(scores, k=k)
     return {"item_ids": tf.gather(ids, top.indices, batch_dims=1), "scores": top.values}
 
-  @tf.function(input_signature=[features_lib.query_input_signature()])
-  def serve(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """serving_default: the top `k` items for each query."""
-    queries = self._embed_query(features)
-    no_exclusions = tf.zeros([tf.shape(queries)[0], 0], tf.string)
-    return self._top_k(queries, tf.constant(self.k), no_exclusions)
-
-  @tf.function(input_signature=[_retrieve_signature()])
-  def retrieve(self, request: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """The top `k` items of each query, leaving out that row's `exclude_item_ids`."""
-    k = request["k"]
-    checks = [
-        tf.debugging.assert_greater_equal(k, 1, message="k must be >= 1"),
-        tf.debugging.assert_less_equal(
-            k, self.max_k, message=f"k must be <= max_k = {self.max_k}"),
-        tf.debugging.assert_equal(
-            tf.shape(request["exclude_item_ids"])[0], tf.shape(request["user_id"])[0],
-            message="exclude_item_ids must have one row per query"),
-    ]
-    with tf.control_dependencies(checks):
-      k = tf.identity(k)
-    queries = self._embed_query({name: request[name]
-                                 for name in features_lib.QUERY_FEATURES})
-    return self._top_k(queries, k, request["exclude_item_ids"])
-
-  @tf.function(input_signature=[features_lib.query_input_signature()])
-  def embed_query(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  def _query_embedding(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """query_embedding: the unit query vectors u; scores are <u, v> / temperature."""
     return {"query_embedding": self._embed_query(features)}
 
-  @tf.function(input_signature=[features_lib.candidate_input_signature()])
-  def embed_candidates(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  def _candidate_embedding(self, features: Mapping[str, tf.Tensor]
+                           ) -> dict[str, tf.Tensor]:
     """candidate_embedding: the unit item vectors v, e.g. for items not yet indexed."""
-    with tf.control_dependencies(_check_batch(features)):
-      features = {name: tf.identity(value) for name, value in features.items()}
-    return {"candidate_embedding": self.candidate_tower(features, training=False)}
+    return {"candidate_embedding": self.candidate_tower(_checked(features),
+                                                        training=False)}
 
   def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
-    return {
-        SERVING_DEFAULT: self.serve.get_concrete_function(),
-        RETRIEVE: self.retrieve.get_concrete_function(),
-        QUERY_EMBEDDING: self.embed_query.get_concrete_function(),
-        CANDIDATE_EMBEDDING: self.embed_candidates.get_concrete_function(),
-    }
+    """The signatures' concrete functions (traced on the first call, then kept)."""
+    return {name: function.get_concrete_function()
+            for name, function in self._keras.functions.items()}
 
   def save(self, export_dir: str) -> None:
-    """Writes the SavedModel (all signatures) to `export_dir`."""
+    """Writes the SavedModel (all signatures, the corpus assigned last) to `export_dir`."""
     tf.saved_model.save(self, export_dir, signatures=self.signatures(),
                         options=self.save_options())
 
@@ -260,64 +298,80 @@ class Retriever(tf.Module):
 
 
 class ExactRetriever(Retriever):
-  """TFRS's BruteForce search, stock ops only (MatMul, TopKV2): stock TF Serving loads it.
+  """Brute-force search, stock ops only (MatMul, TopKV2): stock TF Serving loads it.
 
-  The layer indexes the embeddings with the item ids as identifiers; its two
-  variables are the export's `item_embeddings` and `item_ids`. Its own
-  `query_with_exclusions` is not used: it needs E known when tracing and compares
-  strings pairwise, where `retrieve` takes any E per request (`Retriever._top_k`).
-  Scoring a batch builds a [B, n] matrix: 4 * B * n bytes.
+  Scores every item, as TFRS's BruteForce layer does; `retrieve` takes any E per
+  request (`Retriever._retrieve`). Scoring a batch builds a [B, n] matrix:
+  4 * B * n bytes.
   """
 
   def __init__(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
                item_ids: tf.Tensor, item_embeddings: tf.Tensor, temperature: float,
                k: int, max_history: int, max_k: Optional[int] = None,
                name: str = "retrieval_exact"):
-    num_items = int(tf.shape(item_ids)[0])
-    search = tfrs.layers.factorized_top_k.BruteForce(k=min(k, num_items)).index(
-        tf.convert_to_tensor(item_embeddings, tf.float32),
-        tf.convert_to_tensor(item_ids, tf.string))
-    # index() creates them as "identifiers" and "candidates".
-    held = {w.name.split("/")[-1].split(":")[0]: w for w in search.weights}
-    super().__init__(query_tower, candidate_tower, held["identifiers"],
-                     held["candidates"], temperature, min(k, num_items), max_history,
-                     min(max_k or num_items, num_items), name, search=search)
+    super().__init__(query_tower, candidate_tower, temperature,
+                     self.serving_k(k, len(item_ids)), max_history, name)
+    self.update(item_ids, item_embeddings, k, max_k)
 
-  def _fetch_limit(self) -> int:
-    return self.num_items
+  @staticmethod
+  def serving_k(k: int, num_items: int) -> int:
+    """serving_default's k for an export k over `num_items` items."""
+    return min(k, num_items)
+
+  def update(self, item_ids: tf.Tensor, item_embeddings: tf.Tensor, k: int,
+             max_k: Optional[int] = None) -> None:
+    """Makes `item_ids`, `item_embeddings` the corpus (k as given to the constructor)."""
+    num_items = len(item_ids)
+    self._assign_corpus(item_ids, item_embeddings, self.serving_k(k, num_items),
+                        min(max_k or num_items, num_items), num_items)
 
   def _search(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    return self._keras.search(queries, k=k)
+    scores = tf.linalg.matmul(queries, self.item_embeddings, transpose_b=True)
+    top = tf.math.top_k(scores, k=k)
+    return top.values, tf.gather(self.item_ids, top.indices)
 
 
 class ScannRetriever(Retriever):
-  """ScaNN search (index.ScannIndex); loading needs ScaNN's ops (`import scann`).
+  """ScaNN search (index.ScannVariables); loading needs ScaNN's ops (`import scann`).
 
   A search returns at most `num_reordering_candidates` neighbours, so max_k is
   that count (or the corpus size). The index searches enough leaves for the
   neighbours fetched, so a request gets k real items for every k up to max_k;
   `retrieve` fetches at most max_k before dropping exclusions, so a row whose
-  exclusions crowd its top max_k gets fewer than k items (padded). The index
-  keeps its own copy of the embeddings for the reorder, so this export is about
-  twice the exact one's size.
+  exclusions crowd its top max_k gets fewer than k items (padded). ScaNN's float
+  copy of the corpus for the reorder is `item_embeddings` itself (index.ScannVariables).
   """
 
   def __init__(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
                item_ids: tf.Tensor, item_embeddings: tf.Tensor, temperature: float,
                k: int, max_history: int, index: index_lib.ScannIndex,
                num_reordering_candidates: int, name: str = "retrieval_scann"):
-    num_items = int(tf.shape(item_ids)[0])
-    limit = min(num_items, num_reordering_candidates)
-    super().__init__(query_tower, candidate_tower, item_ids, item_embeddings,
-                     temperature, min(k, limit), max_history, limit, name)
-    self.index = index
-    self._limit = limit
+    super().__init__(query_tower, candidate_tower, temperature,
+                     self.serving_k(k, len(item_ids), num_reordering_candidates),
+                     max_history, name)
+    self._assign(item_ids, item_embeddings, k, num_reordering_candidates)
+    self.index = index_lib.ScannVariables(index, self.item_embeddings)
 
-  def _fetch_limit(self) -> int:
-    return self._limit
+  @staticmethod
+  def serving_k(k: int, num_items: int, num_reordering_candidates: int) -> int:
+    """serving_default's k for an export k over `num_items` items."""
+    return min(k, num_items, num_reordering_candidates)
+
+  def _assign(self, item_ids: tf.Tensor, item_embeddings: tf.Tensor, k: int,
+              num_reordering_candidates: int) -> None:
+    limit = min(len(item_ids), num_reordering_candidates)
+    self._assign_corpus(item_ids, item_embeddings,
+                        self.serving_k(k, len(item_ids), num_reordering_candidates),
+                        limit, limit)
+
+  def update(self, item_ids: tf.Tensor, item_embeddings: tf.Tensor, k: int,
+             index: index_lib.ScannIndex, num_reordering_candidates: int) -> None:
+    """Makes `item_ids`, `item_embeddings` and their `index` the corpus."""
+    self._assign(item_ids, item_embeddings, k, num_reordering_candidates)
+    self.index.assign(index)
 
   def _search(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    # NaN scores mark gaps; ScannIndex leaves none while k <= max_k.
+    # NaN scores mark gaps; the index leaves none while k <= max_k.
     scores, rows = self.index(queries, k=k)
     return scores, tf.gather(self.item_ids, rows)
 

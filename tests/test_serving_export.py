@@ -24,6 +24,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from core import workdir as workdir_lib
 from models import features
 from models import trainer as trainer_lib
+from models.retrieval import TwoTowerModel
 from serving import corpus
 from serving import exporter
 from serving import versions
@@ -193,11 +194,13 @@ def test_only_the_scann_export_needs_custom_ops(trained):
 
 
 def test_item_embeddings_are_exposed_and_match_the_candidate_tower(trained):
-  # The exact export's search (TFRS BruteForce) holds the only copy of the corpus.
-  saved = tf.train.list_variables(os.path.join(trained["result"]["exact_dir"],
-                                               "variables", "variables"))
-  assert [name for name, shape in saved if shape == [NUM_ITEMS, 16]] == [
-      "item_embeddings/.ATTRIBUTES/VARIABLE_VALUE"]
+  # Each export holds the corpus embeddings once: the exact search scores them,
+  # and ScaNN reorders its candidates with them.
+  for variant in ("scann", "exact"):
+    saved = tf.train.list_variables(os.path.join(trained["result"][f"{variant}_dir"],
+                                                 "variables", "variables"))
+    assert [name for name, shape in saved if shape == [NUM_ITEMS, 16]] == [
+        "item_embeddings/.ATTRIBUTES/VARIABLE_VALUE"], variant
   for variant in ("scann", "exact"):
     loaded = trained[variant]
     ids = loaded.item_ids.numpy()
@@ -481,3 +484,91 @@ def test_bad_corpus_is_named(tmp_path):
     corpus.read_corpus(str(tmp_path / "corpus-01.tfrecord.gz"))
   with pytest.raises(FileNotFoundError, match="no corpus files"):
     corpus.read_corpus(str(tmp_path / "nothing-*.tfrecord.gz"))
+
+
+# Loads each export given (in order, in this one fresh process) and prints, for
+# each, every item `retrieve` returns at k = max_k (from its metadata), its item_ids
+# variable and its query embedding of the request.
+_LOAD_EACH = r"""
+import json, sys
+import scann  # noqa: F401  (ScaNN's ops)
+import tensorflow as tf
+request = {name: tf.constant(value) for name, value in json.loads(sys.argv[1]).items()}
+request["timestamp"] = tf.cast(request["timestamp"], tf.int64)
+out = {}
+for path, max_k in json.loads(sys.argv[2]):
+  loaded = tf.saved_model.load(path)
+  answer = loaded.signatures["retrieve"](
+      **request, k=tf.constant(max_k),
+      exclude_item_ids=tf.zeros([len(request["user_id"]), 0], tf.string))
+  out[path] = {
+      "retrieved": sorted({i.decode() for i in answer["item_ids"].numpy().ravel()}),
+      "item_ids": sorted(i.decode() for i in loaded.item_ids.numpy()),
+      "query_embedding": loaded.signatures["query_embedding"](**request)[
+          "query_embedding"].numpy().tolist()}
+print(json.dumps(out))
+"""
+
+
+def test_consecutive_exports_reuse_the_traced_servables_and_hold_their_own_day(tmp_path):
+  """Two days through one ExportState: day 2 assigns its corpus (one item more)
+  and the towers' new weights to day 1's servables and traces nothing; loaded in
+  a fresh process, each version serves its own day's corpus and towers."""
+  workdir, config = str(tmp_path), tl.tiny_config()
+  day2 = tl.DAY + datetime.timedelta(days=1)
+  corpora = {tl.DAY: ITEMS, day2: ITEMS + ["brand-new"]}
+  for day, items in corpora.items():
+    tl.write_records(os.path.join(tl.day_dir(workdir, day), "corpus-00.tfrecord.gz"),
+                     [tl.corpus_row(i) for i in items])
+  model = TwoTowerModel(config)
+  state = exporter.ExportState()
+  request = {"user_id": ["u1", ""], "seed_item_id": ["item003", "item050"],
+             "history_item_ids": [["item001", "item002"], ["", ""]],
+             "device": ["web", ""], "country": ["de", "us"],
+             "timestamp": [1_709_600_000, 0]}
+  tensors = {name: tf.constant(value) for name, value in request.items()}
+  tensors["timestamp"] = tf.cast(tensors["timestamp"], tf.int64)
+
+  first = exporter.export_day(model, config, workdir, tl.DAY, SETTINGS,
+                              trained=tl.position(tl.DAY, 0, True), state=state)
+  kept = dict(state.retrievers)
+  traced = {(model_name, name): function.experimental_get_tracing_count()
+            for model_name, retriever in kept.items()
+            for name, function in retriever.functions.items()}
+  signatures = {model_name: retriever.signatures()
+                for model_name, retriever in kept.items()}
+  queries = {tl.DAY: model.query_tower(tensors, training=False).numpy()}
+  # Training moves the towers' weights between two exports.
+  for variable in model.query_tower.trainable_variables:
+    variable.assign(tf.random.stateless_normal(variable.shape, [1, 2]))
+  queries[day2] = model.query_tower(tensors, training=False).numpy()
+  assert not np.allclose(queries[tl.DAY], queries[day2], atol=1e-3)
+  second = exporter.export_day(model, config, workdir, day2, SETTINGS,
+                               trained=tl.position(day2, 0, True), state=state)
+
+  assert (first["version"], second["version"]) == (1, 2)
+  assert state.retrievers == kept  # the same objects, updated
+  assert min(traced.values()) == 1
+  assert {(model_name, name): function.experimental_get_tracing_count()
+          for model_name, retriever in kept.items()
+          for name, function in retriever.functions.items()} == traced
+  for model_name, retriever in kept.items():
+    for name, function in retriever.signatures().items():
+      assert function is signatures[model_name][name], (model_name, name)
+
+  exports = [(result[f"{variant}_dir"], result["metadata"]["max_k"] if variant == "scann"
+              else versions.read_metadata(result["exact_dir"])["max_k"], day)
+             for result, day in ((first, tl.DAY), (second, day2))
+             for variant in ("scann", "exact")]
+  done = subprocess.run(
+      [sys.executable, "-c", _LOAD_EACH, json.dumps(request),
+       json.dumps([[path, max_k] for path, max_k, _ in exports])],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  answers = json.loads(done.stdout.strip().splitlines()[-1])
+  for path, max_k, day in exports:
+    assert max_k == len(corpora[day]), path
+    assert answers[path]["item_ids"] == sorted(corpora[day]), path
+    assert answers[path]["retrieved"] == sorted(corpora[day]), path
+    np.testing.assert_allclose(answers[path]["query_embedding"], queries[day],
+                               atol=1e-5, err_msg=path)

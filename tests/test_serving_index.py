@@ -53,16 +53,21 @@ def test_recall_against_exact_counts_ties_and_padding():
                                     exact_scores, 2) == 0.5
 
 
-def test_tune_scann_widens_a_poor_start_until_the_bar_is_met():
+def test_tune_scann_widens_a_poor_start_until_the_bar_is_met(monkeypatch):
   embeddings = _clustered(4000, 16, seed=0)
   queries = _clustered(200, 16, seed=1)
   # 1 of 32 leaves reaches recall@10 of about 0.5; the widest retune (16 of 32
   # leaves, 320 reordered) about 0.998: wide margins on both sides of the bar.
   poor = index.ScannParams(num_leaves=32, num_leaves_to_search=1,
                            num_reordering_candidates=20)
+  builds = []
+  build = index.build_scann
+  monkeypatch.setattr(index, "build_scann",
+                      lambda *args, **kwargs: builds.append(args) or build(*args, **kwargs))
   tuned = index.tune_scann(embeddings, queries, k=20, max_fetch=20, min_recall=0.95,
                            params=poor)
   assert len(tuned.attempts) > 1
+  assert len(builds) == 1  # widening changes settings of the search, not the index
   assert tuned.attempts[0]["recall"]["10"] < 0.95
   assert tuned.recall[10] >= 0.95
   assert tuned.params.num_leaves_to_search > 1
@@ -96,6 +101,22 @@ def test_scann_searches_enough_leaves_for_k_and_pads_beyond_its_reorder():
   assert rows.shape == (4, 30)
   assert ((rows[:, :20] >= 0) & (rows[:, :20] < 50)).all()
   assert (rows[:, 20:] == -1).all()
+
+
+def test_scann_variables_search_as_the_index_with_or_without_a_shared_float_copy():
+  """A servable's ScannVariables answer as the index they hold: reordering with the
+  corpus embeddings when they are ScaNN's float copy (saved once), else with
+  ScaNN's own copy."""
+  embeddings = _clustered(1100, 16, seed=3)
+  layer = index.build_scann(embeddings, index.scann_params(1100, max_fetch=30), k=10)
+  queries = tf.constant(_clustered(20, 16, seed=4))
+  want_scores, want_rows = layer(queries, 25)
+  for shared, corpus in ((True, embeddings), (False, embeddings[::-1].copy())):
+    held = index.ScannVariables(layer, tf.Variable(corpus))
+    assert (int(tf.size(held.state["dataset"])) == 0) == shared
+    scores, rows = held(queries, 25)
+    np.testing.assert_array_equal(rows.numpy(), want_rows.numpy())
+    np.testing.assert_allclose(scores.numpy(), want_scores.numpy(), rtol=1e-6)
 
 
 def test_scann_returns_k_distinct_items_up_to_its_reorder_on_1100_items():

@@ -122,22 +122,30 @@ def test_retrievers_of_never_called_towers_save_and_load_in_a_fresh_process(tmp_
 
 
 def test_serving_latency_bench_runs_at_a_tiny_size(tmp_path):
-  """The bench's smallest run (no timing or quality checked: --min_ann_recall=0)."""
+  """The bench's smallest run (no timing or quality checked: --min_ann_recall=0),
+  comparing this tree with itself as the "old" one, op breakdown included."""
   out = tmp_path / "serving.json"
   result = subprocess.run(
       [sys.executable, os.path.join(REPO, "bench", "serving_latency.py"),
        "--num_items=500", "--dim=16", "--k=10", "--single_queries=3", "--batch_size=4",
        "--batches=2", "--recall_queries=100", "--min_ann_recall=0",
-       f"--json_out={out}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+       f"--old_tree={REPO}", f"--json_out={out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   figures = json.loads(out.read_text())
+  variants = ("scann", "exact", "old_scann", "old_exact")
   expected = {"num_items", "dim", "k", "scann_params", "tuning_attempts",
-              "scann_saved_model_mb", "exact_saved_model_mb", "scann_qps", "exact_qps",
-              "ann_recall_at_10", "total_s"} | {
-                  f"{name}_{stat}_ms" for name in ("scann", "exact", "query_tower",
-                                                   "raw_scann")
-                  for stat in ("p50", "p99")}
+              "ann_recall_at_10", "old_ann_recall_at_10", "total_s"} | {
+                  f"{name}_{what}" for name in variants
+                  for what in ("saved_model_mb", "qps", "p50_ms", "p99_ms")} | {
+                  f"{name}_{stat}_ms" for name in ("floor", "scann_query_embedding",
+                                                   "query_tower", "raw_scann")
+                  for stat in ("p50", "p99")} | {
+                  f"{name}_new_over_old_{stat}" for name in ("scann", "exact")
+                  for stat in ("p50_ms", "p99_ms", "qps")}
   assert expected <= set(figures)
   assert (figures["num_items"], figures["dim"], figures["k"]) == (500, 16, 10)
   assert 0.0 <= figures["ann_recall_at_10"] <= 1.0
+  for name in ("scann", "old_scann"):
+    breakdown = figures["op_breakdown"][name]
+    assert breakdown["ops"] > 0 and "scann_ops" in breakdown["median_us_by_part"]
