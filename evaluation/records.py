@@ -32,10 +32,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import zlib
 
 from absl import logging
-import google_crc32c
 import numpy as np
 import tensorflow as tf
 
+from core import tfrecord
 from core import workdir as workdir_lib
 from models import data
 from models import features as features_lib
@@ -63,7 +63,6 @@ _PARSE_BATCH = 1 << 16
 # and its masked CRC32C (as pipeline/writers.py writes them).
 _LENGTH = struct.Struct("<QI")
 _CRC = struct.Struct("<I")
-_CRC_MASK_DELTA = 0xa282ead8
 
 
 def read_events(workdir: str, day: datetime.date, max_history: int) -> dict[str, np.ndarray]:
@@ -122,23 +121,18 @@ def read_records(path: str) -> list[bytes]:
     if at + _LENGTH.size > len(content):
       raise ValueError(f"{where}: truncated length")
     length, crc = _LENGTH.unpack_from(content, at)
-    if _masked_crc32c(content[at:at + 8]) != crc:
+    if tfrecord.masked_crc32c(content[at:at + 8]) != crc:
       raise ValueError(f"{where}: corrupt length (CRC mismatch)")
     start = at + _LENGTH.size
     end = start + length
     if end + _CRC.size > len(content):
       raise ValueError(f"{where}: truncated ({length} bytes announced)")
     record = content[start:end]
-    if _masked_crc32c(record) != _CRC.unpack_from(content, end)[0]:
+    if tfrecord.masked_crc32c(record) != _CRC.unpack_from(content, end)[0]:
       raise ValueError(f"{where}: corrupt data (CRC mismatch)")
     records.append(record)
     at = end + _CRC.size
   return records
-
-
-def _masked_crc32c(data: bytes) -> int:
-  crc = google_crc32c.value(data)
-  return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xffffffff
 
 
 def list_days(workdir: str,

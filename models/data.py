@@ -27,6 +27,7 @@ from core import workdir as workdir_lib
 from models import features
 
 EXAMPLES_PATTERN = "examples-*.tfrecord.gz"
+CORPUS_PATTERN = "corpus-*.tfrecord.gz"
 
 
 def _data_dir(workdir: str, day: datetime.date) -> str:

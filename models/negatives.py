@@ -25,9 +25,10 @@ import numpy as np
 import tensorflow as tf
 
 from core import workdir as workdir_lib
+from models import data
 from models import features
 
-CORPUS_PATTERN = "corpus-*.tfrecord.gz"
+CORPUS_PATTERN = data.CORPUS_PATTERN
 _READ_BATCH = 1 << 16
 
 

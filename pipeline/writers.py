@@ -24,8 +24,8 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
-import google_crc32c
 
+from core import tfrecord
 from pipeline import io
 
 _CHUNK_BYTES = 1 << 20
@@ -36,14 +36,11 @@ _ENTRY_OVERHEAD_BYTES = 200
 # tf.io.TFRecordWriter's GZIP options (ZlibCompressionOptions::GZIP): default level,
 # gzip wrapper, memLevel 9. The same options give the same bytes.
 _TF_GZIP = (zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, zlib.MAX_WBITS | 16, 9)
-_TFRECORD_CRC_MASK_DELTA = 0xa282ead8
 
 
 def _masked_crc32c(data: bytes) -> bytes:
   """TFRecord's masked CRC32C of `data`, little-endian."""
-  crc = google_crc32c.value(data)
-  return struct.pack("<I", (((crc >> 15) | (crc << 17)) + _TFRECORD_CRC_MASK_DELTA)
-                     & 0xffffffff)
+  return struct.pack("<I", tfrecord.masked_crc32c(data))
 
 
 def tfrecord_frame(record: bytes) -> bytes:

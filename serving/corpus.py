@@ -16,7 +16,7 @@ import tensorflow as tf
 from models import data
 from models import features as features_lib
 
-CORPUS_PATTERN = "corpus-*.tfrecord.gz"
+CORPUS_PATTERN = data.CORPUS_PATTERN
 # Held-out queries for the recall check, drawn evenly from the first this many events.
 NUM_RECALL_QUERIES = 1000
 _QUERY_POOL = 50_000
