@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The old tree's child process puts its own code first (see `_old_code_root`).
@@ -255,8 +255,32 @@ def save_old(inputs: str, out_dir: str) -> None:
   save_variants(model, config, item_ids, embeddings, params, layer, out_dir, "old")
 
 
-def build(out_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Builds, tunes, saves and loads both variants (and the old ones); (calls, figures)."""
+@dataclasses.dataclass
+class World:
+  """The synthetic world: towers, corpus, requests, and a ScaNN index tuned on it.
+
+  Attributes:
+    model, config, tower: the TwoTowerModel, its config, its query tower traced.
+    item_ids, embeddings: the corpus.
+    make_requests: requests(num, size, seed) like those of the bench.
+    held_out: the requests of the tuning and recall check.
+    tuned: index.tune_scann's result.
+    figures: what the world is (sizes, ScaNN parameters, build seconds).
+  """
+  model: TwoTowerModel
+  config: ModelConfig
+  tower: Callable[[Request], tf.Tensor]
+  item_ids: np.ndarray
+  embeddings: np.ndarray
+  make_requests: Callable[..., list[Request]]
+  held_out: list[Request]
+  tuned: index.TunedScann
+  figures: dict[str, Any]
+
+
+def make_world() -> World:
+  """--num_items x --dim items around sqrt(n) topics, the query tower that finds
+  them, and the ScaNN index tuned for serving_default's --k."""
   config = ModelConfig(embedding_dim=_DIM.value)
   model = TwoTowerModel(config)
   strengthen_item_ids(model)
@@ -284,6 +308,17 @@ def build(out_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
              "scann_build_s": round(time.perf_counter() - started, 1),
              "tuning_attempts": len(tuned.attempts),
              "tuning_recall_at_10": round(tuned.recall[10], 4)}
+  return World(model, config, tower, item_ids, embeddings, make_requests, held_out,
+               tuned, figures)
+
+
+def build(out_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Builds, tunes, saves and loads both variants (and the old ones); (calls, figures)."""
+  world = make_world()
+  model, config, item_ids, embeddings, tuned = (world.model, world.config, world.item_ids,
+                                                world.embeddings, world.tuned)
+  tower, make_requests, held_out, figures = (world.tower, world.make_requests,
+                                             world.held_out, world.figures)
   paths = {f"{name}": path for name, path in save_variants(
       model, config, item_ids, embeddings, tuned.params, tuned.layer, out_dir,
       "new").items()}
@@ -430,6 +465,24 @@ def report(figures: dict[str, Any]) -> None:
         f"attempt(s), {figures['scann_build_s']} s; run {figures['total_s']} s")
 
 
+def run_and_report(run: Callable[[str], dict[str, Any]],
+                   show: Callable[[dict[str, Any]], None], prefix: str) -> None:
+  """figures = run(out_dir) in --out_dir (else a temporary directory, removed
+  after), plus total_s; shown, and written to --json_out."""
+  started = time.perf_counter()
+  out_dir = _OUT.value or tempfile.mkdtemp(prefix=prefix)
+  try:
+    figures = run(out_dir)
+  finally:
+    if not _OUT.value:
+      shutil.rmtree(out_dir, ignore_errors=True)
+  figures["total_s"] = round(time.perf_counter() - started, 1)
+  show(figures)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(figures, f, indent=1)
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   if _SAVE_OLD.value:
@@ -439,24 +492,15 @@ def main(argv: Sequence[str]) -> None:
     with open(_JSON.value, "w") as f:
       json.dump(op_times(_STEP_STATS.value), f)
     return
-  started = time.perf_counter()
-  out_dir = _OUT.value or tempfile.mkdtemp(prefix="serving_latency-")
-  breakdown: Optional[dict[str, Any]] = None
-  try:
+
+  def run(out_dir: str) -> dict[str, Any]:
     built, figures = build(out_dir)
     figures = measure(built, figures)
     if _OP_BREAKDOWN.value:
-      breakdown = _op_breakdown(built["paths"])
-  finally:
-    if not _OUT.value:
-      shutil.rmtree(out_dir, ignore_errors=True)
-  if breakdown is not None:
-    figures["op_breakdown"] = breakdown
-  figures["total_s"] = round(time.perf_counter() - started, 1)
-  report(figures)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(figures, f, indent=1)
+      figures["op_breakdown"] = _op_breakdown(built["paths"])
+    return figures
+
+  run_and_report(run, report, "serving_latency-")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from models import data
 from models import trainer as trainer_lib
 from models.config import ModelConfig
 from serving import corpus as corpus_lib
+from serving import dpp
 from serving import index
 from serving import servable
 from serving import versions
@@ -317,6 +318,8 @@ def build_export(model: tf.keras.Model, config: ModelConfig, workdir: str,
                            len(item_ids), settings.min_ann_recall, query_source),
       "config": config.to_dict(), "stack": stack_versions(),
       "signatures": list(servable.SIGNATURES),
+      # retrieve_diverse: a candidate within sqrt(epsilon) of the span chosen stops a row.
+      "dpp_epsilon": dpp.DEFAULT_EPSILON,
       "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
   }
   metadata = {name: {**shared, "model": name, "k": retriever.k, "max_k": retriever.max_k,
@@ -337,11 +340,15 @@ def _verify(export_dir: str, logs: list[prediction_log_pb2.PredictionLog],
   loaded = tf.saved_model.load(export_dir)
   for log, out in zip(logs, warmup.replay(loaded, logs)):
     request = log.predict_log.request
+    name = request.model_spec.signature_name
     batch = tf.make_ndarray(request.inputs["user_id"]).shape[0]
-    if request.model_spec.signature_name == servable.SERVING_DEFAULT:
-      if out["item_ids"].shape != (batch, k) or out["scores"].shape != (batch, k):
-        raise RuntimeError(f"{export_dir}: serving_default answered "
-                           f"{out['item_ids'].shape} for a batch of {batch}, k={k}")
+    if name not in (servable.SERVING_DEFAULT, servable.RETRIEVE_DIVERSE):
+      continue
+    want = k if name == servable.SERVING_DEFAULT else int(
+        tf.make_ndarray(request.inputs["k"]))
+    if out["item_ids"].shape != (batch, want) or out["scores"].shape != (batch, want):
+      raise RuntimeError(f"{export_dir}: {name} answered {out['item_ids'].shape} for "
+                         f"a batch of {batch}, k={want}")
   return loaded
 
 
@@ -356,7 +363,7 @@ def _stage(name: str, retriever: servable.Retriever, base: str, version: int,
   tf.io.gfile.makedirs(base)
   staged = versions.staging_dir(base, version)
   retriever.save(staged)
-  logs = list(warmup.warmup_logs(name, requests))
+  logs = list(warmup.warmup_logs(name, requests, retriever.max_k))
   warmup.write_warmup(staged, logs)
   versions.write_metadata(staged, metadata)
   return staged, _verify(staged, logs, retriever.k)

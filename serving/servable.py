@@ -6,6 +6,11 @@ two exports are interchangeable for a client. Each SavedModel has the signatures
   serving_default   query features -> item_ids string [B, k], scores float [B, k]
   retrieve          query features, k (int32 scalar), exclude_item_ids string
                     [B, E] -> the best k items not in each row's exclusions
+  retrieve_diverse  the inputs of retrieve, plus num_candidates N (int32 scalar,
+                    k <= N <= max_k), theta (float32 scalar in [0, 1]),
+                    boost_item_ids string [B, M] and boosts float32 [B, M] -> k
+                    items of the best N (exclusions dropped) chosen by a DPP's
+                    greedy MAP (serving/dpp.py), in the order chosen
   query_embedding   query features -> query_embedding float [B, d]
   candidate_embedding  candidate features -> candidate_embedding float [B, d]
 
@@ -13,12 +18,16 @@ and the attributes `item_ids` [n] and `item_embeddings` [n, d] (variables), the
 corpus it searches, for teams that bring their own ANN. Query features are those
 of models/features.py (`query_input_signature`): batched, history a string
 matrix padded with "". Scores are <u, v> / temperature, the model's own score.
-Where fewer than k items qualify (tiny corpus, everything excluded), the row is
-padded with item id "" and score -inf.
+Where fewer than k items qualify (tiny corpus, everything excluded; for
+retrieve_diverse also a row whose DPP stopped early, see serving/dpp.py), the
+row is padded with item id "" and score -inf.
 
-Requests are checked in the graph: features whose batch sizes disagree, or a k
-outside [1, max_k], fail with an InvalidArgumentError that says so. History wider
-than the model's `max_history` is cut to its most recent items, as in training.
+Requests are checked in the graph: features whose batch sizes disagree, a k
+outside [1, max_k] (retrieve_diverse: not 1 <= k <= num_candidates <= max_k, a
+theta outside [0, 1], boosts not finite or not shaped like boost_item_ids), or
+per-query inputs without one row per query fail with an InvalidArgumentError
+that says so. History wider than the model's `max_history` is cut to its most
+recent items, as in training.
 """
 
 from __future__ import annotations
@@ -29,13 +38,16 @@ from typing import Mapping, Optional, Sequence
 import tensorflow as tf
 
 from models import features as features_lib
+from serving import dpp
 from serving import index as index_lib
 
 SERVING_DEFAULT = "serving_default"
 RETRIEVE = "retrieve"
+RETRIEVE_DIVERSE = "retrieve_diverse"
 QUERY_EMBEDDING = "query_embedding"
 CANDIDATE_EMBEDDING = "candidate_embedding"
-SIGNATURES = (SERVING_DEFAULT, RETRIEVE, QUERY_EMBEDDING, CANDIDATE_EMBEDDING)
+SIGNATURES = (SERVING_DEFAULT, RETRIEVE, RETRIEVE_DIVERSE, QUERY_EMBEDDING,
+              CANDIDATE_EMBEDDING)
 
 
 def _retrieve_signature() -> dict[str, tf.TensorSpec]:
@@ -46,26 +58,46 @@ def _retrieve_signature() -> dict[str, tf.TensorSpec]:
   }
 
 
+def _retrieve_diverse_signature() -> dict[str, tf.TensorSpec]:
+  return {
+      **_retrieve_signature(),
+      "num_candidates": tf.TensorSpec([], tf.int32, name="num_candidates"),
+      "theta": tf.TensorSpec([], tf.float32, name="theta"),
+      "boost_item_ids": tf.TensorSpec([None, None], tf.string, name="boost_item_ids"),
+      "boosts": tf.TensorSpec([None, None], tf.float32, name="boosts"),
+  }
+
+
 # Fingerprints live in [0, _KEY_SPACE); -1 pads every exclusion row so that it
 # is never empty, and never matches an id.
 _KEY_SPACE = (1 << 63) - 1
 
 
-def excluded(ids: tf.Tensor, exclude: tf.Tensor) -> tf.Tensor:
-  """[B, F] bool: whether ids[b, f] is one of exclude[b, :].
+def lookup(ids: tf.Tensor, table: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """([B, F] bool, [B, F] int32): whether ids[b, f] is one of table[b, :], and
+  its column there (the first, if listed twice; -1 where not found).
 
-  Compares 64-bit fingerprints by binary search in each row's sorted exclusions:
+  Compares 64-bit fingerprints by binary search in each row's sorted table:
   O(B (F + E) log E) time and O(B (F + E)) memory, where comparing every pair of
   strings (as TFRS's `query_with_exclusions` does) costs B F E. Two different ids
-  share a fingerprint with probability about 2^-63 per pair, so a false exclusion
+  share a fingerprint with probability about 2^-63 per pair, so a false match
   is not expected in practice.
   """
-  keys = tf.sort(tf.strings.to_hash_bucket_fast(exclude, _KEY_SPACE), axis=1)
-  keys = tf.pad(keys, [[0, 0], [1, 0]], constant_values=-1)
+  keys = tf.strings.to_hash_bucket_fast(table, _KEY_SPACE)
+  order = tf.argsort(keys, axis=1, stable=True)
+  keys = tf.pad(tf.gather(keys, order, batch_dims=1), [[0, 0], [1, 0]],
+                constant_values=-1)
   # The padding column keeps searchsorted off a [0, 0] tensor (an empty batch).
   wanted = tf.pad(tf.strings.to_hash_bucket_fast(ids, _KEY_SPACE), [[0, 0], [0, 1]])
   at = tf.minimum(tf.searchsorted(keys, wanted), tf.shape(keys)[1] - 1)
-  return tf.equal(tf.gather(keys, at, batch_dims=1), wanted)[:, :-1]
+  found = tf.equal(tf.gather(keys, at, batch_dims=1), wanted)[:, :-1]
+  column = tf.gather(tf.pad(order, [[0, 0], [1, 0]]), at, batch_dims=1)[:, :-1]
+  return found, tf.where(found, column, -1)
+
+
+def excluded(ids: tf.Tensor, exclude: tf.Tensor) -> tf.Tensor:
+  """[B, F] bool: whether ids[b, f] is one of exclude[b, :] (`lookup`)."""
+  return lookup(ids, exclude)[0]
 
 
 def _check_batch(features: Mapping[str, tf.Tensor]) -> tf.Operation:
@@ -75,6 +107,13 @@ def _check_batch(features: Mapping[str, tf.Tensor]) -> tf.Operation:
   return tf.debugging.Assert(
       tf.reduce_all(tf.equal(sizes, sizes[0])),
       [f"request features disagree on the batch size: {', '.join(names)} have", sizes])
+
+
+def _rows_per_query(request: Mapping[str, tf.Tensor], name: str) -> tf.Operation:
+  """An assertion that request[name] has one row per query."""
+  rows, queries = tf.shape(request[name])[0], tf.shape(request["user_id"])[0]
+  return tf.debugging.Assert(tf.equal(rows, queries), [
+      f"{name} must have one row per query; rows:", rows, "queries:", queries])
 
 
 def _checked(features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -158,6 +197,8 @@ class Retriever(tf.Module):
     self._keras = _Untracked(query_tower, candidate_tower, {
         SERVING_DEFAULT: tf.function(self._serve, input_signature=query_signature),
         RETRIEVE: tf.function(self._retrieve, input_signature=[_retrieve_signature()]),
+        RETRIEVE_DIVERSE: tf.function(self._retrieve_diverse,
+                                      input_signature=[_retrieve_diverse_signature()]),
         QUERY_EMBEDDING: tf.function(self._query_embedding,
                                      input_signature=query_signature),
         CANDIDATE_EMBEDDING: tf.function(
@@ -210,8 +251,8 @@ class Retriever(tf.Module):
     self.max_k = max_k
 
   def _search(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(dot products [B, <=k], item ids [B, <=k]), best first; NaN scores mark
-    missing results."""
+    """(dot products [B, <=k], corpus rows int32 [B, <=k]), best first; NaN scores
+    mark missing results (their rows are any valid row)."""
     raise NotImplementedError
 
   def _embed_query(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
@@ -234,8 +275,9 @@ class Retriever(tf.Module):
     A search returns its items best first, so without exclusions they only need
     masking and padding to k.
     """
-    scores, ids = self._search(self._embed_query(features), tf.constant(self.k))
-    scores, ids = self._scores(scores, ids, tf.logical_not(tf.math.is_nan(scores)))
+    scores, rows = self._search(self._embed_query(features), tf.constant(self.k))
+    scores, ids = self._scores(scores, tf.gather(self.item_ids, rows),
+                               tf.logical_not(tf.math.is_nan(scores)))
     missing = self.k - tf.shape(scores)[1]
     scores = tf.pad(scores, [[0, 0], [0, missing]], constant_values=float("-inf"))
     ids = tf.pad(ids, [[0, 0], [0, missing]], constant_values="")
@@ -243,35 +285,86 @@ class Retriever(tf.Module):
     ids.set_shape([None, self.k])
     return {"item_ids": ids, "scores": scores}
 
-  def _retrieve(self, request: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """retrieve: the top `k` items of each query, leaving out that row's
-    `exclude_item_ids`, padded to exactly k with ("", -inf).
+  def _fetch(self, request: Mapping[str, tf.Tensor], count: tf.Tensor
+             ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(scores, item ids, corpus rows) [B, F] of the best `count` items of each query
+    not in that row's `exclude_item_ids`, with (-inf, "") where excluded or missing.
 
-    Fetches k + E neighbours, then drops the excluded ones by fingerprint
-    (`excluded`), so the search itself never sees the exclusions.
+    Fetches F = count + E neighbours (at most the search's limit), then drops the
+    excluded ones by fingerprint (`excluded`), so the search itself never sees
+    the exclusions. Columns are best first, gaps aside.
     """
-    k, exclude = request["k"], request["exclude_item_ids"]
-    max_k, fetch_limit = self.limits[0], self.limits[1]
-    checks = [
-        tf.debugging.Assert(k >= 1, ["k must be >= 1, got", k]),
-        tf.debugging.Assert(k <= max_k, ["k must be <= max_k =", max_k, ", got", k]),
-        tf.debugging.Assert(
-            tf.equal(tf.shape(exclude)[0], tf.shape(request["user_id"])[0]),
-            ["exclude_item_ids must have one row per query; rows:", tf.shape(exclude)[0],
-             "queries:", tf.shape(request["user_id"])[0]]),
-    ]
-    with tf.control_dependencies(checks):
-      k = tf.identity(k)
-    fetch = tf.minimum(k + tf.shape(exclude)[1], fetch_limit)
-    scores, ids = self._search(self._embed_query(request), fetch)
+    exclude = request["exclude_item_ids"]
+    fetch = tf.minimum(count + tf.shape(exclude)[1], self.limits[1])
+    scores, rows = self._search(self._embed_query(request), fetch)
+    ids = tf.gather(self.item_ids, rows)
     valid = tf.logical_and(tf.logical_not(tf.math.is_nan(scores)),
                            tf.logical_not(excluded(ids, exclude)))
     scores, ids = self._scores(scores, ids, valid)
+    return scores, ids, rows
+
+  def _retrieve(self, request: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """retrieve: the top `k` items of each query, leaving out that row's
+    `exclude_item_ids`, padded to exactly k with ("", -inf) (`_fetch`)."""
+    k, max_k = request["k"], self.limits[0]
+    checks = [
+        tf.debugging.Assert(k >= 1, ["k must be >= 1, got", k]),
+        tf.debugging.Assert(k <= max_k, ["k must be <= max_k =", max_k, ", got", k]),
+        _rows_per_query(request, "exclude_item_ids"),
+    ]
+    with tf.control_dependencies(checks):
+      k = tf.identity(k)
+    scores, ids, _ = self._fetch(request, k)
     missing = tf.maximum(k - tf.shape(scores)[1], 0)
     scores = tf.pad(scores, [[0, 0], [0, missing]], constant_values=float("-inf"))
     ids = tf.pad(ids, [[0, 0], [0, missing]], constant_values="")
     top = tf.math.top_k(scores, k=k)
     return {"item_ids": tf.gather(ids, top.indices, batch_dims=1), "scores": top.values}
+
+  def _retrieve_diverse(self, request: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """retrieve_diverse: k of each query's best `num_candidates` items (exclusions
+    dropped), chosen by the DPP's greedy MAP with trade-off `theta` (serving/dpp.py),
+    relevance = the model's scores plus each row's `boosts` of `boost_item_ids`.
+
+    Returns the items in the order chosen, with their model scores (boosts not
+    added), padded to k with ("", -inf) where fewer qualify or the DPP stopped.
+    """
+    k, count, theta = request["k"], request["num_candidates"], request["theta"]
+    boost_ids, boosts = request["boost_item_ids"], request["boosts"]
+    max_k = self.limits[0]
+    checks = [
+        tf.debugging.Assert(k >= 1, ["k must be >= 1, got", k]),
+        tf.debugging.Assert(k <= count, ["k must be <= num_candidates =", count,
+                                         ", got", k]),
+        tf.debugging.Assert(count <= max_k, ["num_candidates must be <= max_k =", max_k,
+                                             ", got", count]),
+        tf.debugging.Assert(tf.logical_and(theta >= 0.0, theta <= 1.0),
+                            ["theta must be in [0, 1], got", theta]),
+        _rows_per_query(request, "exclude_item_ids"),
+        _rows_per_query(request, "boost_item_ids"),
+        tf.debugging.Assert(tf.reduce_all(tf.equal(tf.shape(boosts), tf.shape(boost_ids))),
+                            ["boosts must have the shape of boost_item_ids; shapes:",
+                             tf.shape(boosts), tf.shape(boost_ids)]),
+        tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(boosts)),
+                            ["boosts must be finite"]),
+    ]
+    with tf.control_dependencies(checks):
+      count = tf.identity(count)
+    scores, ids, rows = self._fetch(request, count)
+    # The best `count` (exclusions and gaps last), best first.
+    top = tf.math.top_k(scores, k=tf.minimum(count, tf.shape(scores)[1]))
+    scores, ids, rows = (top.values, tf.gather(ids, top.indices, batch_dims=1),
+                         tf.gather(rows, top.indices, batch_dims=1))
+    # Column 0 holds the boost of an item not listed: 0.
+    column = lookup(ids, boost_ids)[1] + 1
+    boost = tf.gather(tf.pad(boosts, [[0, 0], [1, 0]]), column, batch_dims=1)
+    chosen = dpp.greedy_map(tf.gather(self.item_embeddings, rows), scores, k, theta,
+                            boosts=boost)
+    picked = chosen.indices >= 0
+    at = tf.maximum(chosen.indices, 0)
+    return {"item_ids": tf.where(picked, tf.gather(ids, at, batch_dims=1), ""),
+            "scores": tf.where(picked, tf.gather(scores, at, batch_dims=1),
+                               float("-inf"))}
 
   def _query_embedding(self, features: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """query_embedding: the unit query vectors u; scores are <u, v> / temperature."""
@@ -328,7 +421,7 @@ class ExactRetriever(Retriever):
   def _search(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     scores = tf.linalg.matmul(queries, self.item_embeddings, transpose_b=True)
     top = tf.math.top_k(scores, k=k)
-    return top.values, tf.gather(self.item_ids, top.indices)
+    return top.values, top.indices
 
 
 class ScannRetriever(Retriever):
@@ -372,8 +465,7 @@ class ScannRetriever(Retriever):
 
   def _search(self, queries: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     # NaN scores mark gaps; the index leaves none while k <= max_k.
-    scores, rows = self.index(queries, k=k)
-    return scores, tf.gather(self.item_ids, rows)
+    return self.index(queries, k=k)
 
   def save_options(self) -> tf.saved_model.SaveOptions:
     return tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])

@@ -4,7 +4,8 @@ TF Serving replays these `PredictionLog` records when it loads a version, before
 the version takes traffic, so the first real request does not pay for graph
 initialisation (for the ScaNN export: rebuilding the searcher from its tensors).
 Requests are real queries of the day, at a few batch sizes, for the signatures
-clients call.
+clients call: serving_default at each batch size, query_embedding and
+retrieve_diverse once (the DPP's While loop is a graph of its own).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from serving import versions
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 BATCH_SIZES = (1, 8, 64)
+# The retrieve_diverse warm-up: k of N candidates (N at most the export's max_k).
+DIVERSE_K = 10
+DIVERSE_CANDIDATES = 100
 
 
 def predict_log(model_name: str, signature_name: str,
@@ -36,15 +40,32 @@ def predict_log(model_name: str, signature_name: str,
       predict_log=prediction_log_pb2.PredictLog(request=request))
 
 
-def warmup_logs(model_name: str, queries: Mapping[str, np.ndarray],
+def diverse_inputs(queries: Mapping[str, np.ndarray], max_k: int
+                   ) -> dict[str, np.ndarray]:
+  """A retrieve_diverse request for the first query: k = DIVERSE_K of N =
+  DIVERSE_CANDIDATES (both at most max_k), theta 0.5, no exclusion ("" matches no
+  item), and a boost of 1 for the query's seed item."""
+  count = min(DIVERSE_CANDIDATES, max_k)
+  return {**{name: value[:1] for name, value in queries.items()},
+          "k": np.array(min(DIVERSE_K, count), np.int32),
+          "num_candidates": np.array(count, np.int32),
+          "theta": np.array(0.5, np.float32),
+          "exclude_item_ids": np.array([[b""]], object),
+          "boost_item_ids": np.asarray(queries["seed_item_id"][:1], object)[:, np.newaxis],
+          "boosts": np.ones([1, 1], np.float32)}
+
+
+def warmup_logs(model_name: str, queries: Mapping[str, np.ndarray], max_k: int,
                 batch_sizes: Sequence[int] = BATCH_SIZES
                 ) -> Iterator[prediction_log_pb2.PredictionLog]:
-  """Requests to `serving_default` at each batch size, and one to `query_embedding`.
+  """Requests to `serving_default` at each batch size, then one to
+  `query_embedding` and one to `retrieve_diverse` (`diverse_inputs`).
 
   Args:
     model_name: the model's name in TF Serving's config.
     queries: query features (QUERY_FEATURES), as numpy arrays [n, ...]; batches
       are their first rows (fewer where n is smaller).
+    max_k: the export's max_k (the most candidates a request may ask for).
     batch_sizes: request batch sizes.
   """
   num = len(next(iter(queries.values())))
@@ -55,6 +76,7 @@ def warmup_logs(model_name: str, queries: Mapping[str, np.ndarray],
                       {name: value[:size] for name, value in queries.items()})
   yield predict_log(model_name, servable.QUERY_EMBEDDING,
                     {name: value[:1] for name, value in queries.items()})
+  yield predict_log(model_name, servable.RETRIEVE_DIVERSE, diverse_inputs(queries, max_k))
 
 
 def write_warmup(export_dir: str, logs: Sequence[prediction_log_pb2.PredictionLog]) -> str:

@@ -119,3 +119,72 @@ def planted_towers(items: Sequence[str],
   return types.SimpleNamespace(query_tower=_PlantedQueryTower(items, scores),
                                candidate_tower=_OneHotCandidateTower(items))
 
+
+def dpp_reference(embeddings: np.ndarray, scores: np.ndarray, k: int, theta: float,
+                  valid: np.ndarray | None = None, epsilon: float = 1e-4
+                  ) -> tuple[list[int], list[float], list[float]]:
+  """Chen et al.'s Algorithm 1, literally, in float64, for one query (the oracle of
+  serving/dpp.py): the kernel L = diag(r) S diag(r), r = exp(alpha s) with
+  alpha = theta / (2 (1 - theta)) (scores shifted by their maximum, which scales L
+  and changes no choice), S_ij = <v_i, v_j> of the normalised embeddings (S_ii = 1
+  exactly). theta = 1 is the plain top k by score. A candidate whose S-residual
+  d_L^2 / r^2 is <= epsilon is not chosen (theta < 1); ties go to the earlier column.
+
+  Returns:
+    (indices, padded with -1 to k; log-det increments of S (-inf padding); the
+    margin of each choice over the runner-up in f = theta sum s + (1 - theta)
+    log det S_Y units: inf where nothing was left to compare, or where the tie is
+    by design, the first pick at theta = 0).
+  """
+  scores = np.asarray(scores, np.float64)
+  num = len(scores)
+  valid = np.ones(num, bool) if valid is None else np.asarray(valid, bool)
+  valid = valid & np.isfinite(scores)
+  norms = np.linalg.norm(embeddings, axis=1)
+  units = np.asarray(embeddings, np.float64) / np.where(norms > 0, norms, 1.0)[:, None]
+  similarity = units @ units.T
+  np.fill_diagonal(similarity, (norms > 0).astype(np.float64))
+  picks, increments, margins = [], [], []
+  if theta >= 1:
+    order = [int(i) for i in np.argsort(-np.where(valid, scores, -np.inf), kind="stable")
+             if valid[i]][:k]
+    picks = order
+    ranked = np.sort(scores[valid])[::-1]
+    margins = [ranked[t] - ranked[t + 1] if t + 1 < len(ranked) else np.inf
+               for t in range(len(picks))]
+    logdets = [0.0]
+    for t in range(1, len(picks) + 1):
+      sign, value = np.linalg.slogdet(similarity[np.ix_(picks[:t], picks[:t])])
+      logdets.append(value if sign > 0 else -np.inf)
+    increments = [logdets[t + 1] - logdets[t] if np.isfinite(logdets[t]) else -np.inf
+                  for t in range(len(picks))]
+  else:
+    alpha = theta / (2 * (1 - theta))
+    shift = scores[valid].max() if valid.any() else 0.0
+    relevance = np.where(valid, np.exp(alpha * (np.where(valid, scores, shift) - shift)),
+                         0.0)
+    if not (relevance[valid] > 0).all():
+      raise ValueError("exp(alpha s) underflows: use scores of a smaller range")
+    kernel = relevance[:, None] * similarity * relevance[None, :]
+    factor = np.zeros((k, num))
+    residual = np.diag(kernel).copy()  # d_i^2 of L
+    chosen = np.zeros(num, bool)
+    for t in range(k):
+      spread = residual / np.where(relevance > 0, relevance ** 2, 1.0)  # d_i^2 of S
+      eligible = valid & ~chosen & (spread > epsilon)
+      if not eligible.any():
+        break
+      with np.errstate(divide="ignore", invalid="ignore"):
+        gain = np.where(eligible, (1 - theta) * np.log(residual), -np.inf)
+      j = int(np.argmax(gain))
+      others = np.sort(gain[eligible])
+      margins.append(np.inf if len(others) < 2 or (theta == 0 and t == 0)
+                     else others[-1] - others[-2])
+      picks.append(j)
+      increments.append(float(np.log(spread[j])))
+      e = (kernel[j] - factor[:t, j] @ factor[:t]) / np.sqrt(residual[j])
+      factor[t] = e
+      residual = residual - e ** 2
+      chosen[j] = True
+  pad = k - len(picks)
+  return picks + [-1] * pad, list(increments) + [-np.inf] * pad, margins

@@ -117,6 +117,47 @@ def test_export_returns_the_planted_order(planted, variant):
   assert out["item_ids"].numpy().tolist() == want
 
 
+def _diverse(signature, seeds, k, theta, boosts=(), exclude=None, count=None):
+  """retrieve_diverse for `seeds`: k of `count` (default 2k), every row boosting
+  the (item, boost) pairs `boosts`."""
+  size = len(seeds)
+  boosts = list(boosts) or [("", 0.0)]
+  return signature(**_query(seeds), k=tf.constant(k),
+                   num_candidates=tf.constant(count or 2 * k),
+                   theta=tf.constant(theta, tf.float32),
+                   exclude_item_ids=(exclude if exclude is not None
+                                     else tf.zeros([size, 0], tf.string)),
+                   boost_item_ids=tf.reshape(tf.constant(
+                       [i for i, _ in boosts] * size, tf.string), [size, len(boosts)]),
+                   boosts=tf.reshape(tf.constant([b for _, b in boosts] * size, tf.float32),
+                                     [size, len(boosts)]))
+
+
+@pytest.mark.parametrize("variant", ["scann", "exact"])
+def test_retrieve_diverse_boosts_and_theta_on_the_planted_order(planted, variant):
+  """Planted items embed one-hot, all orthogonal: S = I, so every theta keeps the
+  relevance order (at theta = 0 as the tie rule: the retriever's order), and a
+  boost moves an item as documented: raised, it comes first; lowered, it goes."""
+  diverse = planted[variant].signatures["retrieve_diverse"]
+  seed = ITEMS[5]
+  order = [i.encode() for i in PLANTED_ORDER[seed]]
+  for theta in (0.0, 0.5, 1.0):
+    out = _diverse(diverse, [seed], 5, theta)
+    assert out["item_ids"].numpy()[0].tolist() == order[:5], theta
+    assert np.all(np.diff(out["scores"].numpy()) < 0)
+  raised = _diverse(diverse, [seed], 5, 0.5, boosts=[(PLANTED_ORDER[seed][8], 1.0)])
+  assert raised["item_ids"].numpy()[0].tolist() == [order[8]] + order[:4]
+  # Its score is the model's, not boosted: below the others.
+  assert raised["scores"].numpy()[0, 0] < raised["scores"].numpy()[0, 1:].min()
+  lowered = _diverse(diverse, [seed], 5, 0.5, boosts=[(PLANTED_ORDER[seed][0], -1.0),
+                                                        ("not-in-the-corpus", 5.0)])
+  assert lowered["item_ids"].numpy()[0].tolist() == order[1:6]
+  # At theta = 0 boosts change nothing; exclusions apply before the DPP.
+  ignored = _diverse(diverse, [seed], 5, 0.0, boosts=[(PLANTED_ORDER[seed][8], 1.0)],
+                     exclude=tf.constant([[PLANTED_ORDER[seed][1]]]))
+  assert ignored["item_ids"].numpy()[0].tolist() == [order[0]] + order[2:6]
+
+
 def _model_scores(trained, seeds):
   """[len(seeds), NUM_ITEMS] scores of the trained model itself, and the corpus ids."""
   ids, columns = corpus.read_corpus(
@@ -163,6 +204,7 @@ def test_layout_metadata_and_warmup(trained):
     assert meta["ann"]["num_queries"] == 1000
     assert meta["stack"]["tensorflow"] == tf.__version__
     assert meta["k"] == K
+    assert "retrieve_diverse" in meta["signatures"] and meta["dpp_epsilon"] > 0
     assert meta["trained"] == {"day": tl.DAY.isoformat(), "examples": NUM_EVENTS,
                                "complete": True, "global_step": trained["global_step"],
                                "checkpoint": trained["position"].checkpoint}
@@ -286,9 +328,9 @@ def test_saved_model_cli_show_and_run(trained):
   assert repr(here["item_ids"].numpy()[0, 0]) in ran.stdout
 
 
-def _assert_valid(out, batch):
+def _assert_valid(out, batch, k=K):
   ids, scores = out["item_ids"].numpy(), out["scores"].numpy()
-  assert ids.shape == scores.shape == (batch, K)
+  assert ids.shape == scores.shape == (batch, k)
   assert set(ids.ravel().tolist()) <= {i.encode() for i in ITEMS}
   assert np.isfinite(scores).all()
 
@@ -327,6 +369,40 @@ def test_hostile_requests(trained, variant):
     retrieve(**request, k=tf.constant(10 ** 6), exclude_item_ids=none)
   with pytest.raises(tf.errors.InvalidArgumentError, match="one row per query"):
     retrieve(**request, k=tf.constant(3), exclude_item_ids=tf.zeros([2, 1], tf.string))
+
+  diverse = trained[variant].signatures["retrieve_diverse"]
+  max_k = versions.read_metadata(trained["result"][f"{variant}_dir"])["max_k"]
+  out = _diverse(diverse, ["never-seen", "item001"], 4, 0.5, count=max_k,
+                 boosts=[("item002", 1e30), ("item003", -1e30), ("item002", 7.0)])
+  _assert_valid(out, 2, k=4)
+  empty = _diverse(diverse, [], 3, 0.5)
+  assert empty["item_ids"].shape == (0, 3)
+  unboosted = diverse(**_query(["item001"]), k=tf.constant(3), num_candidates=tf.constant(6),
+                      theta=tf.constant(0.5), exclude_item_ids=tf.zeros([1, 0], tf.string),
+                      boost_item_ids=tf.zeros([1, 0], tf.string), boosts=tf.zeros([1, 0]))
+  _assert_valid(unboosted, 1, k=3)
+  refusals = {
+      "k must be >= 1": dict(k=0),
+      "k must be <= num_candidates": dict(k=5, count=4),
+      "num_candidates must be <= max_k": dict(k=5, count=max_k + 1),
+      "theta must be in \\[0, 1\\]": dict(theta=1.5),
+  }
+  for message, arguments in refusals.items():
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+      _diverse(diverse, ["item001"], **{"k": 3, "theta": 0.5, **arguments})
+  for theta in (-0.1, float("nan")):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="theta must be in"):
+      _diverse(diverse, ["item001"], 3, theta)
+  for boost in (float("inf"), float("nan")):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="boosts must be finite"):
+      _diverse(diverse, ["item001"], 3, 0.5, boosts=[("item002", boost)])
+  base = dict(**_query(["item001"]), k=tf.constant(3), num_candidates=tf.constant(6),
+              theta=tf.constant(0.5), exclude_item_ids=tf.zeros([1, 0], tf.string))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="boosts must have the shape"):
+    diverse(**base, boost_item_ids=tf.constant([["a", "b"]]), boosts=tf.ones([1, 1]))
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match="boost_item_ids must have one row per query"):
+    diverse(**base, boost_item_ids=tf.constant([["a"], ["b"]]), boosts=tf.ones([2, 1]))
 
 
 @pytest.fixture
@@ -487,8 +563,8 @@ def test_bad_corpus_is_named(tmp_path):
 
 
 # Loads each export given (in order, in this one fresh process) and prints, for
-# each, every item `retrieve` returns at k = max_k (from its metadata), its item_ids
-# variable and its query embedding of the request.
+# each, every item `retrieve` and `retrieve_diverse` (theta = 1) return at k = max_k
+# (from its metadata), its item_ids variable and its query embedding of the request.
 _LOAD_EACH = r"""
 import json, sys
 import scann  # noqa: F401  (ScaNN's ops)
@@ -498,11 +574,16 @@ request["timestamp"] = tf.cast(request["timestamp"], tf.int64)
 out = {}
 for path, max_k in json.loads(sys.argv[2]):
   loaded = tf.saved_model.load(path)
-  answer = loaded.signatures["retrieve"](
-      **request, k=tf.constant(max_k),
-      exclude_item_ids=tf.zeros([len(request["user_id"]), 0], tf.string))
+  none = tf.zeros([len(request["user_id"]), 0], tf.string)
+  answer = loaded.signatures["retrieve"](**request, k=tf.constant(max_k),
+                                         exclude_item_ids=none)
+  diverse = loaded.signatures["retrieve_diverse"](
+      **request, k=tf.constant(max_k), num_candidates=tf.constant(max_k),
+      theta=tf.constant(1.0), exclude_item_ids=none, boost_item_ids=none,
+      boosts=tf.zeros([len(request["user_id"]), 0]))
   out[path] = {
       "retrieved": sorted({i.decode() for i in answer["item_ids"].numpy().ravel()}),
+      "diverse": sorted({i.decode() for i in diverse["item_ids"].numpy().ravel()}),
       "item_ids": sorted(i.decode() for i in loaded.item_ids.numpy()),
       "query_embedding": loaded.signatures["query_embedding"](**request)[
           "query_embedding"].numpy().tolist()}
@@ -570,5 +651,38 @@ def test_consecutive_exports_reuse_the_traced_servables_and_hold_their_own_day(t
     assert max_k == len(corpora[day]), path
     assert answers[path]["item_ids"] == sorted(corpora[day]), path
     assert answers[path]["retrieved"] == sorted(corpora[day]), path
+    assert answers[path]["diverse"] == sorted(corpora[day]), path
     np.testing.assert_allclose(answers[path]["query_embedding"], queries[day],
                                atol=1e-5, err_msg=path)
+
+
+def test_dpp_curve_bench_on_a_trained_export(trained, tmp_path):
+  """bench/dpp_curve.py on the next day's events: every figure is there, and at
+  theta = 1 its recall@10 is the exact export's `retrieve` recall@10 itself."""
+  source, workdir = (workdir_lib.Workdir(w) for w in (trained["workdir"], str(tmp_path)))
+  shutil.copytree(source.data_root, workdir.data_root)
+  shutil.copytree(os.path.join(source.root, "exports"), os.path.join(workdir.root, "exports"))
+  next_day = tl.DAY + datetime.timedelta(days=1)
+  rng = np.random.default_rng(1)
+  seeds = [ITEMS[j] for j in rng.integers(NUM_ITEMS, size=150)]
+  tl.write_records(os.path.join(tl.day_dir(workdir.root, next_day), "examples-00.tfrecord.gz"),
+                   [tl.event_row(f"n{n}", "u", PLANTED[seed], seed=seed)
+                    for n, seed in enumerate(seeds)])
+  out = tmp_path / "curve.json"
+  done = subprocess.run(
+      [sys.executable, os.path.join(REPO, "bench", "dpp_curve.py"),
+       f"--workdir={workdir.root}", "--thetas=0,0.5,1", "--num_candidates=30",
+       "--max_events=1000", f"--json_out={out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  figures = json.loads(out.read_text())
+  assert (figures["days"], figures["events"]) == (1, 150)
+  for row in figures["overall"].values():
+    assert set(row) == {"recall", "pairwise_distance", "channels", "topics", "coverage",
+                        "list_length"}
+    assert row["list_length"] == 10 and 1 <= row["channels"] <= 10
+  out = trained["exact"].signatures["retrieve"](
+      **_query(seeds, timestamp=1_709_600_000), k=tf.constant(10),
+      exclude_item_ids=tf.zeros([150, 0], tf.string))
+  hits = [PLANTED[s].encode() in row for s, row in zip(seeds, out["item_ids"].numpy().tolist())]
+  assert figures["overall"]["1.0"]["recall"] == pytest.approx(np.mean(hits), abs=1e-4)

@@ -13,6 +13,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from core import workdir as workdir_lib
 from serving import index
+from serving import servable
 from serving import versions
 from serving import warmup
 
@@ -234,20 +235,29 @@ def test_warmup_records_are_prediction_logs(tmp_path):
       "country": np.array([b"de", b""], object),
       "timestamp": np.array([1, 2], np.int64),
   }
-  logs = list(warmup.warmup_logs("retrieval_exact", queries))
+  logs = list(warmup.warmup_logs("retrieval_exact", queries, max_k=30))
   path = warmup.write_warmup(str(tmp_path), logs)
   assert path.endswith("assets.extra/tf_serving_warmup_requests")
   back = warmup.read_warmup(path)
   assert back == logs
   assert all(isinstance(log, prediction_log_pb2.PredictionLog) for log in back)
   requests = [log.predict_log.request for log in back]
-  # Batch sizes 1, 8, 64 shrink to what there is: 1 and 2; then one embedding request.
+  # Batch sizes 1, 8, 64 shrink to what there is: 1 and 2; then one embedding
+  # request and one diverse request.
   assert [(r.model_spec.signature_name,
            tf.make_ndarray(r.inputs["user_id"]).shape[0]) for r in requests] == [
-               ("serving_default", 1), ("serving_default", 2), ("query_embedding", 1)]
+               ("serving_default", 1), ("serving_default", 2), ("query_embedding", 1),
+               ("retrieve_diverse", 1)]
   assert {r.model_spec.name for r in requests} == {"retrieval_exact"}
   history = tf.make_ndarray(requests[1].inputs["history_item_ids"])
   assert history.tolist() == [[b"a", b""], [b"", b""]]
+  # k of N within the export's max_k; the seed item boosted.
+  diverse = {name: tf.make_ndarray(value) for name, value in requests[3].inputs.items()}
+  assert (diverse["k"], diverse["num_candidates"], diverse["theta"]) == (10, 30, 0.5)
+  assert diverse["boost_item_ids"].tolist() == [[b"a"]]
+  assert diverse["boosts"].tolist() == [[1.0]]
+  small = list(warmup.warmup_logs("retrieval_exact", queries, max_k=4))[-1]
+  assert tf.make_ndarray(small.predict_log.request.inputs["k"]) == 4
 
 
 def test_example_models_config_parses_and_names_both_exports():
@@ -260,3 +270,16 @@ def test_example_models_config_parses_and_names_both_exports():
   for name, model in models.items():
     assert model.base_path.endswith(name)
     assert model.model_platform == "tensorflow"
+
+
+def test_lookup_finds_each_id_in_its_own_row_first_column_first():
+  ids = tf.constant([["a", "b", "c"], ["a", "b", ""]])
+  table = tf.constant([["c", "x", "c", "a"], ["b", "", "", ""]])
+  found, column = servable.lookup(ids, table)
+  assert found.numpy().tolist() == [[True, False, True], [False, True, True]]
+  assert column.numpy().tolist() == [[3, -1, 0], [-1, 0, 1]]
+  assert servable.excluded(ids, table).numpy().tolist() == found.numpy().tolist()
+  found, column = servable.lookup(ids, tf.zeros([2, 0], tf.string))
+  assert not found.numpy().any() and (column.numpy() == -1).all()
+  assert servable.lookup(tf.zeros([0, 3], tf.string),
+                         tf.zeros([0, 0], tf.string))[1].shape == (0, 3)
