@@ -25,5 +25,11 @@ setuptools.setup(
     python_requires=">=3.10,<3.13",
     packages=["core", "estimators", "models", "serving", "evaluation", "pipeline"],
     install_requires=STACK,
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # Beam's DaskRunner (--runner=DaskRunner, pipeline/dask_runner.py); Beam 2.77
+        # asks for dask and distributed >= 2024.4.2. tests/test_dask_runner.py passes
+        # with 2025.1.0 and 2026.8.0.
+        "dask": ["dask[distributed]>=2025.1.0,<2027"],
+    },
 )

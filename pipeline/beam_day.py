@@ -22,7 +22,11 @@ built under temporary names (W/data/.tmp-D-<id>, with the sort's scratch runs in
 W/data/.tmp-D-<id>-runs) and moved into place only after the whole pipeline has
 succeeded, the states first: W/data/D/stats.json existing means the day is complete.
 A crashed attempt's temporaries are removed by the next run. A re-run of a day
-gives the same bytes.
+gives the same bytes, on any runner: the in-process engine by default, Beam's others
+by --runner (--runner=DaskRunner is pipeline.dask_runner's). Workers write the
+files, this process publishes them: on several machines W must be on a filesystem
+they all see. Every output is counted into stats.json, so every branch of the
+pipeline ends in its last step.
 
 Memory: on a distributed runner a worker holds one user's events of the day (the
 history pass), one event id's copies, one item's catalog entry, and a 64 MB sort
@@ -43,10 +47,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+from apache_beam.runners.runner import PipelineRunner
 
 from core import workdir as workdir_lib
 from models import features
 from pipeline import catalog_state
+from pipeline import dask_runner
 from pipeline import history
 from pipeline import io
 from pipeline import parse
@@ -257,14 +263,33 @@ class _ViewCachingOptions(PipelineOptions):
     return state
 
 
-def _runner(options: PipelineOptions) -> Optional[FnApiRunner]:
-  """Without --runner: the DirectRunner's in-process engine, the FnApiRunner.
+def _runner(options: PipelineOptions) -> Optional[PipelineRunner]:
+  """The runner of `options`, where Beam would not make it from --runner itself.
 
-  The DirectRunner itself would first try to download and start the Prism runner
-  from GitHub; the FnApiRunner honours --direct_num_workers and
-  --direct_running_mode just the same and needs no network.
+  Without --runner: the DirectRunner's in-process engine, the FnApiRunner. The
+  DirectRunner itself would first try to download and start the Prism runner from
+  GitHub; the FnApiRunner honours --direct_num_workers and --direct_running_mode
+  just the same and needs no network. --runner=DaskRunner, a name Beam does not
+  know: `pipeline.dask_runner`'s. Any other: None, Beam's own.
+
+  Raises:
+    ValueError: --runner=DaskRunner without dask installed.
   """
-  return FnApiRunner() if options.view_as(StandardOptions).runner is None else None
+  name = options.view_as(StandardOptions).runner
+  if name is None:
+    return FnApiRunner()
+  return dask_runner.runner() if dask_runner.is_dask(name) else None
+
+
+def check_pipeline_args(pipeline_args: Sequence[str]) -> None:
+  """Checks, before anything runs, what `run_day` can check of its Beam options.
+
+  Raises:
+    ValueError: --runner=DaskRunner without dask installed.
+  """
+  if dask_runner.is_dask(PipelineOptions(list(pipeline_args)).view_as(
+      StandardOptions).runner):
+    dask_runner.check_available()
 
 
 def run_day(day: dt.date, workdir: str, settings: BeamSettings = BeamSettings(),

@@ -93,6 +93,7 @@ def main(argv: Sequence[str]) -> None:
                       if flag.value is not None})
     config = config_lib.config_from_overrides(config_lib.saved_config(workdir.root),
                                               overrides)
+    beam_day.check_pipeline_args(argv[1:])
     options = dict(
         settings=daily_job.JobSettings(force=_FORCE.value,
                                        max_dead_letter_rate=_MAX_DEAD.value,

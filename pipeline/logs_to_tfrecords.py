@@ -14,8 +14,8 @@ since the model would then read histories cut to another length.
 
 Flags this module does not define are Beam pipeline options, e.g.
 --runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp
---setup_file=./setup.py, or --direct_num_workers=2
---direct_running_mode=multi_processing.
+--setup_file=./setup.py, --direct_num_workers=2 --direct_running_mode=multi_processing,
+or --runner=DaskRunner [--dask_client_address=HOST:8786] (pipeline.dask_runner).
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def main(argv: Sequence[str]) -> None:
         max_history=history_length(workdir, _MAX_HISTORY.value),
         corpus_shards=_CORPUS_SHARDS.value, history_shards=_HISTORY_SHARDS.value,
         allow_missing_history=_ALLOW_MISSING_HISTORY.value)
+    beam_day.check_pipeline_args(argv[1:])
   except (app.UsageError, flags.Error, ValueError) as e:
     cli.exit_with_error(e)
   try:

@@ -22,8 +22,6 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.transforms.window import GlobalWindows
-from apache_beam.utils.windowed_value import WindowedValue
 
 from core import tfrecord
 from pipeline import io
@@ -121,6 +119,11 @@ class _SpillSortedRunsFn(beam.DoFn):
   With a `shard_fn`, elements are (sort key, record) and `shard_fn` names their
   shard. Buffers at most about `buffer_bytes` of records per DoFn instance; a full
   buffer, and the end of a bundle, writes one run per shard it holds.
+
+  A run's path is emitted when its first record arrives, and the run is written
+  before the bundle ends: nothing is emitted from finish_bundle, whose outputs
+  Beam's DaskRunner drops. Downstream is a GroupByKey, which reads a bundle's
+  outputs only once the bundle has finished, its runs with it.
   """
 
   def __init__(self, scratch_dir: str, buffer_bytes: int,
@@ -130,15 +133,14 @@ class _SpillSortedRunsFn(beam.DoFn):
     self._shard_fn = shard_fn
 
   def start_bundle(self) -> None:
-    self._buffer: dict[str, list[tuple[Any, bytes]]] = {}
+    # shard -> (its run's path, the run's entries).
+    self._buffer: dict[str, tuple[str, list[tuple[Any, bytes]]]] = {}
     self._size = 0
 
-  def _spill(self) -> Iterator[tuple[str, str]]:
-    for shard, entries in self._buffer.items():
+  def _spill(self) -> None:
+    for path, entries in self._buffer.values():
       entries.sort(key=lambda entry: entry[0])
-      path = FileSystems.join(self._scratch_dir, f"{shard}.{uuid.uuid4().hex}.run")
       _write_run(path, entries)
-      yield shard, path
     self._buffer, self._size = {}, 0
 
   def process(self, element: Any) -> Iterator[tuple[str, str]]:
@@ -146,14 +148,17 @@ class _SpillSortedRunsFn(beam.DoFn):
       shard, entry = element
     else:
       shard, entry = self._shard_fn(element), element
-    self._buffer.setdefault(shard, []).append(entry)
+    if shard not in self._buffer:
+      path = FileSystems.join(self._scratch_dir, f"{shard}.{uuid.uuid4().hex}.run")
+      self._buffer[shard] = (path, [])
+      yield shard, path
+    self._buffer[shard][1].append(entry)
     self._size += len(entry[1]) + _ENTRY_OVERHEAD_BYTES
     if self._size >= self._buffer_bytes:
-      yield from self._spill()
+      self._spill()
 
-  def finish_bundle(self) -> Iterator[WindowedValue]:
-    for run in self._spill():
-      yield GlobalWindows.windowed_value(run)
+  def finish_bundle(self) -> None:
+    self._spill()
 
 
 class _MergeRunsFn(beam.DoFn):

@@ -73,6 +73,16 @@ def test_beam_pipeline_options_pass_the_check(tmp_path):
   assert not os.path.exists(w)  # the refused run created no workdir (and no lock)
 
 
+def test_the_dask_runner_and_its_options_pass_the_check(tmp_path):
+  # --runner=DaskRunner is a short name of pipeline.dask_runner (Beam knows none), and
+  # Beam's DaskOptions are known: the run goes on and stops at the missing logs.
+  w = str(tmp_path / "none")
+  proc = _app("pipeline.daily", f"--workdir={w}", "--date=2024-01-01",
+              "--runner=DaskRunner", "--dask_client_address=tcp://127.0.0.1:1")
+  _one_line_error(proc, "no log partition for 2024-01-01")
+  assert not os.path.exists(w)
+
+
 def test_workdir_that_is_a_file_fails_in_one_line(tmp_path):
   path = tmp_path / "file"
   path.write_text("x")
