@@ -162,6 +162,12 @@ def sweep_one(name: str, config: ModelConfig, data_root: str, out: str,
     name_of_day = dates[i]
     day = dt.date.fromisoformat(name_of_day)
     days[name_of_day] = {}
+    trained, examples, _ = trainer.position()
+    if trained is not None and (trained > day or (trained == day and examples)):
+      # A run resumed from a later checkpoint: its model has trained on D, and
+      # scoring D with it would leak D into D's own figures.
+      raise SystemExit(f"{root}: the checkpoint has trained through {trained}, past "
+                       f"{name_of_day}; remove the run directory or use a new run name")
     if i > 0:
       days[name_of_day]["evaluate"] = score_day(
           trainer, data_root, day, dt.date.fromisoformat(dates[i - 1]), interactions,
@@ -192,9 +198,14 @@ def main(argv: Sequence[str]) -> None:
     results[name] = {"config": config.to_dict(),
                      "seconds": round(time.perf_counter() - start, 1),
                      **{half: quality.weighted_recall(days, names)
-                        for half, names in halves.items() if any(d in days for d in names)}}
+                        for half, names in halves.items() if any(d in days for d in names)},
+                     "days": {d: v["evaluate"] for d, v in days.items() if "evaluate" in v}}
     print(name, json.dumps({h: results[name][h] for h in quality.HALVES
                             if h in results[name]}), flush=True)
+    # Each run's figures as soon as it ends, beside its checkpoints.
+    half = _HALF.value or quality._THROUGH.value
+    workdir_lib.write_json(os.path.join(out, "sweep", name, f"result-{half}.json"),
+                           {"results": {name: results[name]}, "halves": halves})
   text = "\n\n".join(f"{half} half (in-memory exact ranks):\n\n"
                      f"{quality.markdown(results, half)}"
                      for half in quality.HALVES if any(half in r for r in results.values()))

@@ -67,12 +67,12 @@ def test_config_round_trips_and_lists_incompatibilities():
 
 
 def test_config_checks_the_model_levers():
-  config = TINY.replace(query_encoder="attention", attention_heads=2, seed_residual=True,
+  config = TINY.replace(query_encoder="attention", attention_heads=2, seed_residual=False,
                         history_positions=False, uniform_negatives=16)
   assert ModelConfig.from_json(config.to_json()) == config
   assert TINY.incompatibilities(config) == [
       "attention_heads: 1 != 2", "history_positions: True != False",
-      "query_encoder: 'mean' != 'attention'", "seed_residual: False != True",
+      "query_encoder: 'mean' != 'attention'", "seed_residual: True != False",
       "uniform_negatives: 0 != 16"]
   with pytest.raises(ValueError, match="query_encoder must be one of"):
     TINY.replace(query_encoder="gru")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from models import config as config_lib
 from models import features
 from models import layers
 from models.config import ModelConfig
@@ -189,15 +190,30 @@ def test_seed_residual_is_a_linear_path_around_the_mlp(encoder):
                              atol=1e-6)
 
 
-def test_the_default_tower_has_no_new_layers():
-  """A default config builds the tower it built before: mean, no residual."""
+def test_the_default_tower_is_mean_with_the_seed_residual():
+  """The default reads history by its mean and adds the seed residual, nothing else."""
   model = TwoTowerModel(ModelConfig(item_buckets=50, user_buckets=50,
                                     estimator_buckets=64))
   model(features.default_batch())
   names = [v.name for v in model.query_tower.variables]
-  assert not [n for n in names if any(
-      word in n for word in ("attention", "positions", "seed_residual"))], names
-  assert model.query_tower.seed_residual is None
+  assert not [n for n in names if any(word in n for word in ("attention", "positions"))], names
+  assert [n for n in names if "seed_residual" in n], names
+
+
+def test_a_config_saved_before_the_residual_keeps_the_old_tower(tmp_path):
+  """W/config.json written before `seed_residual` existed reads as False (the model
+  its checkpoints hold), while a new config gets the new default."""
+  saved = ModelConfig().to_dict()
+  del saved["seed_residual"]
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(saved))
+  assert config_lib.read_config(str(path)).seed_residual is False
+  assert ModelConfig().seed_residual is True
+  config_lib.write_config(ModelConfig(), str(path))
+  assert config_lib.read_config(str(path)) == ModelConfig()
+  path.write_text("[1, 2]")
+  with pytest.raises(ValueError, match="config.json: not a valid ModelConfig"):
+    config_lib.read_config(str(path))
 
 
 def test_attention_pooling_by_hand():
