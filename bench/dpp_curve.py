@@ -11,12 +11,11 @@ exports made before that signature existed can be measured too
 (tests/test_serving_save.py checks that the signature returns the same items). Per theta:
 
   recall@k          share of events whose item is among the k returned;
-  pairwise distance mean over each list's pairs of 1 - cos(v_i, v_j), the
-                    export's item embeddings (0: all alike, 1: orthogonal);
-  channels, topics  distinct item_channel_id / item_topics per list (the corpus of
-                    the export's day, W/data/<day>/corpus-*; topics are MovieLens'
-                    genres and decade);
-  coverage          distinct items returned over a day's queries / corpus size.
+  pairwise_distance, channels, topics, coverage, list_length
+                    the intra-list diversity of evaluation/diversity.py (the daily
+                    evaluation's, with --diversity_theta): channels and topics of the
+                    corpus of the export's day, W/data/<day>/corpus-* (topics are
+                    MovieLens' genres and decade), coverage of the day's queries.
 
 Figures are event-weighted means over the days (coverage: the mean of the days).
 theta = 1 is the plain top k, the exact export's `retrieve` (the evaluation's
@@ -27,7 +26,6 @@ exact recall@k on the same events).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import sys
@@ -43,10 +41,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from core import workdir as workdir_lib  # noqa: E402
+from evaluation import diversity  # noqa: E402
+from evaluation import recall  # noqa: E402
 from evaluation import records  # noqa: E402
 from models import data  # noqa: E402
 from models import features  # noqa: E402
-from serving import corpus as corpus_lib  # noqa: E402
 from serving import dpp  # noqa: E402
 from serving import versions  # noqa: E402
 
@@ -67,18 +66,6 @@ _BATCH = 256
 def _choose(embeddings: tf.Tensor, scores: tf.Tensor, k: tf.Tensor,
             theta: tf.Tensor) -> tf.Tensor:
   return dpp.greedy_map(embeddings, scores, k, theta).indices
-
-
-def _corpus_features(workdir: str, day: dt.date, item_ids: np.ndarray
-                     ) -> tuple[np.ndarray, list[frozenset]]:
-  """Each indexed item's channel and topic set, from day `day`'s corpus (the one
-  its export embedded)."""
-  ids, columns = corpus_lib.read_corpus(os.path.join(
-      workdir_lib.Workdir(workdir).data_dir(day), corpus_lib.CORPUS_PATTERN))
-  row = {item: j for j, item in enumerate(ids.tolist())}
-  at = np.array([row[item] for item in item_ids.tolist()])
-  topics = [frozenset(t for t in columns["item_topics"][j].tolist() if t) for j in at]
-  return columns["item_channel_id"][at], topics
 
 
 def _lists(loaded: tf.Module, events: dict[str, np.ndarray], temperature: float,
@@ -105,25 +92,12 @@ def _lists(loaded: tf.Module, events: dict[str, np.ndarray], temperature: float,
   return {theta: np.concatenate(parts) for theta, parts in lists.items()}
 
 
-def _figures(rows: np.ndarray, targets: np.ndarray, item_ids: np.ndarray,
-             units: np.ndarray, channels: np.ndarray, topics: list[frozenset]
+def _figures(rows: np.ndarray, targets: np.ndarray, items: diversity.CorpusItems
              ) -> dict[str, float]:
   """One day's figures of one theta (see the module docstring)."""
-  hits = [item_ids[r[r >= 0]].tolist().count(t) > 0 for r, t in zip(rows, targets)]
-  distance, distinct_channels, distinct_topics = [], [], []
-  for row in rows:
-    row = row[row >= 0]
-    gram = units[row] @ units[row].T
-    pairs = len(row) * (len(row) - 1)
-    distance.append((pairs - (gram.sum() - np.trace(gram))) / pairs if pairs else 0.0)
-    distinct_channels.append(len(set(channels[row].tolist())))
-    distinct_topics.append(len(frozenset().union(*(topics[j] for j in row))))
-  returned = rows[rows >= 0]
-  return {"recall": float(np.mean(hits)), "pairwise_distance": float(np.mean(distance)),
-          "channels": float(np.mean(distinct_channels)),
-          "topics": float(np.mean(distinct_topics)),
-          "coverage": len(np.unique(returned)) / len(item_ids),
-          "list_length": float(len(returned) / len(rows))}
+  ids = np.where(rows >= 0, items.ids[np.maximum(rows, 0)], b"")
+  hits = recall.hit_ranks(ids, targets) != recall.MISS
+  return {"recall": float(np.mean(hits)), **items.figures(rows)}
 
 
 def measure(workdir: str, thetas: Sequence[float]) -> dict[str, Any]:
@@ -139,11 +113,9 @@ def measure(workdir: str, thetas: Sequence[float]) -> dict[str, Any]:
     exact_dir = found[1]
     loaded = tf.saved_model.load(exact_dir)
     meta = versions.read_metadata(exact_dir)
-    item_ids = loaded.item_ids.numpy()
-    units = loaded.item_embeddings.numpy()
-    units = units / np.maximum(np.linalg.norm(units, axis=1, keepdims=True), 1e-12)
-    channels, topics = _corpus_features(workdir, dt.date.fromisoformat(meta["day"]),
-                                        item_ids)
+    items = diversity.CorpusItems.of(loaded.item_ids.numpy(),
+                                     loaded.item_embeddings.numpy(),
+                                     diversity.corpus_pattern(workdir, meta))
     events = records.read_events(workdir, day, meta["config"]["max_history"])
     num = len(events["item_id"])
     picked = np.sort(rng.choice(num, size=min(num, _MAX_EVENTS.value), replace=False))
@@ -151,10 +123,10 @@ def measure(workdir: str, thetas: Sequence[float]) -> dict[str, Any]:
     started = time.perf_counter()
     lists = _lists(loaded, events, meta["config"]["temperature"], thetas)
     per_day[day.isoformat()] = {
-        "events": len(picked), "export_day": meta["day"], "corpus": len(item_ids),
+        "events": len(picked), "export_day": meta["day"], "corpus": len(items.ids),
         "seconds": round(time.perf_counter() - started, 1),
-        "thetas": {str(theta): _figures(lists[theta], events["item_id"], item_ids, units,
-                                        channels, topics) for theta in thetas}}
+        "thetas": {str(theta): _figures(lists[theta], events["item_id"], items)
+                   for theta in thetas}}
     print(f"{day} scored {len(picked)} events with the export of {meta['day']} "
           f"in {per_day[day.isoformat()]['seconds']} s", flush=True)
   if not per_day:

@@ -2,12 +2,15 @@
 
   python -m evaluation.evaluate --workdir=W --date=YYYY-MM-DD \
       [--scann_export=W/exports/retrieval_scann/7 --exact_export=...]
+  python -m evaluation.evaluate --workdir=W --date=YYYY-MM-DD --diversity_theta=0.5
   python -m evaluation.evaluate --workdir=W --date=YYYY-MM-DD --plot_only
 
 Scores the exports on day D's events and writes W/eval/D/metrics.json and
 recall.png; by default both variants of the newest version labelled with a day
-before D (serving.versions.exports_before). Prints the recall figures as JSON; a
-day that cannot be evaluated fails with one line and exit status 2. With
+before D (serving.versions.exports_before). Prints the recall figures as JSON
+(with --diversity_theta, {"recall": ..., "diversity": its headline}: the DPP
+re-ranked lists of retrieve_diverse beside the plain top k; metrics.json holds all
+of it); a day that cannot be evaluated fails with one line and exit status 2. With
 --plot_only it only draws recall.png from the day's metrics.json (a day evaluated
 without its plot).
 """
@@ -34,6 +37,11 @@ _SCANN_EXPORT = flags.DEFINE_string(
     "with a day before --date).")
 _EXACT_EXPORT = flags.DEFINE_string(
     "exact_export", None, "Exact export to score (default: as for --scann_export).")
+_DIVERSITY_THETA = flags.DEFINE_float("diversity_theta",
+                                      **evaluator.flag_args("diversity_theta"))
+_DIVERSITY_CANDIDATES = flags.DEFINE_integer(
+    "diversity_candidates", **evaluator.flag_args("diversity_candidates"))
+_DIVERSITY_K = flags.DEFINE_integer("diversity_k", **evaluator.flag_args("diversity_k"))
 _PLOT_ONLY = flags.DEFINE_bool(
     "plot_only", False, "Score nothing: draw W/eval/D/recall.png from the day's "
     "metrics.json.")
@@ -47,6 +55,9 @@ def main(argv: Sequence[str]) -> None:
   try:
     cli.no_arguments(argv)
     workdir, day = cli.workdir(_WORKDIR.value), cli.parse_day(_DATE.value)
+    settings = evaluator.EvaluationSettings(
+        diversity_theta=_DIVERSITY_THETA.value,
+        diversity_candidates=_DIVERSITY_CANDIDATES.value, diversity_k=_DIVERSITY_K.value)
     if _PLOT_ONLY.value:
       print(evaluator.plot_day(workdir, day))
       return
@@ -62,12 +73,15 @@ def main(argv: Sequence[str]) -> None:
     cli.exit_with_error(e)
   app_logging.setup(workdir, "evaluate")
   try:
-    metrics = evaluator.evaluate_day(workdir, day, scann_dir, exact_dir)
+    metrics = evaluator.evaluate_day(workdir, day, scann_dir, exact_dir,
+                                     settings=settings)
   except _EXPECTED_ERRORS as e:
     logging.exception("the evaluation failed")
     where = app_logging.log_path()
     cli.exit_with_error(f"{e}{f' (log: {where})' if where else ''}")
-  print(json.dumps(metrics["recall"], indent=2))
+  found = evaluator.diversity_summary(metrics)
+  print(json.dumps(metrics["recall"] if found is None
+                   else {"recall": metrics["recall"], "diversity": found}, indent=2))
 
 
 if __name__ == "__main__":

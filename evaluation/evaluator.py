@@ -24,6 +24,17 @@ whose target is its item_id. Through each export's `retrieve` signature:
   * the same for the ScaNN and the exact export, whose difference is what the
     ANN loses.
 
+With EvaluationSettings.diversity_theta set, each export is also queried through
+its `retrieve_diverse` signature (DPP re-ranking, serving/dpp.py) at that theta,
+k = diversity_k of N = diversity_candidates (both capped at the exports' max_k and
+the largest K scored), for the same events in both modes. metrics.json then gains
+"diversity": the recall@K (K <= k) of the diverse lists, beside "recall"'s figures
+of the plain top k, and per mode and export the intra-list diversity
+(evaluation/diversity.py) of the plain top k and of the diverse k. At theta = 1 the
+diverse list is the plain top k (of the exact export exactly; ScaNN's searches
+widen with the neighbours fetched, N here). Without the setting metrics.json is as
+before.
+
 Targets outside the export's corpus count as misses (fresh items the export does
 not know). `evaluate_day` is `compute_metrics` then `write_metrics`
 (W/eval/D/metrics.json and, unless told not to, W/eval/D/recall.png; `plot_day`
@@ -41,7 +52,7 @@ import dataclasses
 import datetime
 import json
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -50,6 +61,7 @@ import tensorflow as tf
 
 from core import workdir as workdir_lib
 from evaluation import baselines
+from evaluation import diversity
 from evaluation import plots
 from evaluation import recall
 from evaluation import records
@@ -63,6 +75,7 @@ PLOT_FILE = "recall.png"
 _BATCH = 256
 
 Ranks = dict[str, dict[str, np.ndarray]]  # {mode: {method: ranks}}
+Lists = dict[str, dict[str, np.ndarray]]  # {mode: {export: item ids [events, k]}}
 
 
 @dataclasses.dataclass
@@ -82,9 +95,77 @@ class EvaluationState:
       default_factory=records.TrainingInteractions)
 
 
-def retrieve_ranks(loaded: tf.Module, events: dict[str, np.ndarray], rows: np.ndarray,
-                   k: int, exclusions: Optional[records.SeenItems] = None) -> np.ndarray:
-  """Rank of each selected event's target in the export's top k (recall.MISS if absent).
+def _setting(default: Any, help_text: str) -> Any:
+  """An EvaluationSettings field with its flag help (`flag_args`)."""
+  return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationSettings:
+  """What the daily evaluation scores beyond recall; checked when made. The apps
+  (evaluate.py, the daily job's) declare their flags from each field's help
+  (`flag_args`).
+
+  Attributes:
+    diversity_theta: None: nothing more. Else each export is also queried through
+      `retrieve_diverse` at this trade-off and metrics.json gains "diversity"
+      (module docstring).
+    diversity_candidates: N, the top N the DPP chooses from (at most the exports'
+      max_k are used).
+    diversity_k: items per diverse list, and per plain list whose diversity is
+      compared (at most N and the largest K scored are used).
+  """
+  diversity_theta: Optional[float] = _setting(
+      None, "Also score each export's retrieve_diverse (DPP re-ranking) at this "
+      "trade-off in [0, 1] (0: diversity only, 1: the plain top k): recall and "
+      "intra-list diversity beside the plain top k, in metrics.json (default: not).")
+  diversity_candidates: int = _setting(
+      200, "With --diversity_theta: N, the top N the DPP chooses from.")
+  diversity_k: int = _setting(
+      10, "With --diversity_theta: items per list compared (recall@k, diversity).")
+
+  def __post_init__(self) -> None:
+    theta = self.diversity_theta
+    if theta is not None and not 0.0 <= theta <= 1.0:
+      raise ValueError(f"diversity_theta must be in [0, 1], got {theta}")
+    if not 1 <= self.diversity_k <= self.diversity_candidates:
+      raise ValueError(f"need 1 <= diversity_k <= diversity_candidates, got "
+                       f"diversity_k={self.diversity_k}, "
+                       f"diversity_candidates={self.diversity_candidates}")
+
+
+def flag_args(name: str) -> dict[str, Any]:
+  """default and help of an EvaluationSettings field, for an app's flag:
+
+    _THETA = flags.DEFINE_float("diversity_theta", **evaluator.flag_args("diversity_theta"))
+  """
+  field = next(f for f in dataclasses.fields(EvaluationSettings) if f.name == name)
+  return {"default": field.default, "help": field.metadata["help"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiverseRequest:
+  """The retrieve_diverse inputs beyond retrieve's: theta and N (no boosts)."""
+  theta: float
+  num_candidates: int
+
+
+class Retrieved(NamedTuple):
+  """What an export returned for the selected events.
+
+  Attributes:
+    ranks: each event's target rank in its list (recall.MISS if absent) [events].
+    heads: the first `keep` item ids of each list, "" padded [events, keep].
+  """
+  ranks: np.ndarray
+  heads: np.ndarray
+
+
+def retrieve(loaded: tf.Module, events: dict[str, np.ndarray], rows: np.ndarray,
+             k: int, exclusions: Optional[records.SeenItems] = None, keep: int = 0,
+             diverse: Optional[DiverseRequest] = None) -> Retrieved:
+  """Queries the export with the selected events: through `retrieve`, or with
+  `diverse` through `retrieve_diverse`.
 
   Args:
     loaded: a loaded export (tf.saved_model.load).
@@ -93,20 +174,34 @@ def retrieve_ranks(loaded: tf.Module, events: dict[str, np.ndarray], rows: np.nd
     k: items to retrieve.
     exclusions: each event's seen items (indexed like `events`), which the export
       must leave out (None: nothing).
+    keep: the leading items of each list to return (0: none; lists are dropped
+      batch by batch, so a large k costs no memory).
+    diverse: theta and N of retrieve_diverse (None: plain retrieve).
   """
-  signature = loaded.signatures[servable.RETRIEVE]
+  if not 0 <= keep <= k:
+    raise ValueError(f"need 0 <= keep <= k, got keep={keep}, k={k}")
+  signature = loaded.signatures[servable.RETRIEVE if diverse is None
+                                else servable.RETRIEVE_DIVERSE]
+  extra = {} if diverse is None else {
+      "num_candidates": tf.constant(diverse.num_candidates, tf.int32),
+      "theta": tf.constant(diverse.theta, tf.float32)}
   ranks = np.full(len(rows), recall.MISS, np.int64)
+  heads = np.full((len(rows), keep), b"", object)
   for start in range(0, len(rows), _BATCH):
     batch = rows[start:start + _BATCH]
     inputs = {name: tf.constant(events[name][batch])
               for name in features_lib.QUERY_FEATURES}
     matrix = (exclusions.matrix(batch) if exclusions is not None
               else np.zeros((len(batch), 0), object))
-    out = signature(**inputs, k=tf.constant(k, tf.int32),
+    if diverse is not None:
+      extra["boost_item_ids"] = tf.zeros([len(batch), 0], tf.string)
+      extra["boosts"] = tf.zeros([len(batch), 0], tf.float32)
+    out = signature(**inputs, **extra, k=tf.constant(k, tf.int32),
                     exclude_item_ids=tf.constant(matrix, tf.string, shape=matrix.shape))
-    ranks[start:start + len(batch)] = recall.hit_ranks(out["item_ids"].numpy(),
-                                                       events["item_id"][batch])
-  return ranks
+    items = out["item_ids"].numpy()
+    ranks[start:start + len(batch)] = recall.hit_ranks(items, events["item_id"][batch])
+    heads[start:start + len(batch)] = items[:, :keep]
+  return Retrieved(ranks, heads)
 
 
 def _decile_table(ranks: np.ndarray, deciles: np.ndarray, ks: Sequence[int]
@@ -149,6 +244,14 @@ class _Day:
                corpus_counts=training.counts_of(corpus.tolist()),
                targets=seen_items[seen.target], seen_items=seen_items)
 
+  def rows(self, mode: str) -> np.ndarray:
+    """The events scored in `mode`: all, or those whose target was not seen."""
+    return np.arange(len(self.targets)) if mode == "all" else self.novel_rows
+
+  def exclusions(self, mode: str) -> Optional[records.SeenItems]:
+    """What an export must leave out in `mode`: nothing, or each event's seen items."""
+    return None if mode == "all" else self.seen
+
   def seen_pairs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(position in `rows`, corpus position) of the seen items of the events `rows`."""
     at, items = self.seen.pairs(rows)
@@ -156,13 +259,17 @@ class _Day:
 
 
 def _score(loaded: Mapping[str, tf.Module], day: _Day,
-           training: records.TrainingInteractions, k: int) -> Ranks:
-  """Target ranks of every export and of the baselines, in both modes."""
+           training: records.TrainingInteractions, k: int, keep: int = 0
+           ) -> tuple[Ranks, Lists]:
+  """Target ranks of every export and of the baselines, in both modes; and the
+  first `keep` items of every export's lists."""
   events, novel_rows, corpus = day.events, day.novel_rows, day.corpus
   ranks: Ranks = {"all": {}, "seen_excluded": {}}
+  lists: Lists = {"all": {}, "seen_excluded": {}}
   for name, model in loaded.items():
-    ranks["all"][name] = retrieve_ranks(model, events, np.arange(len(day.targets)), k)
-    ranks["seen_excluded"][name] = retrieve_ranks(model, events, novel_rows, k, day.seen)
+    for mode in ranks:
+      ranks[mode][name], lists[mode][name] = retrieve(model, events, day.rows(mode), k,
+                                                      day.exclusions(mode), keep)
   popular = baselines.counts_order_places(corpus, day.corpus_counts)
   recent = baselines.counts_order_places(corpus, training.recent_of(corpus.tolist()))
   # The co-visited items of each distinct query item, as corpus positions.
@@ -182,7 +289,7 @@ def _score(loaded: Mapping[str, tf.Module], day: _Day,
   for method, rank in baseline_ranks.items():
     ranks["all"][method] = rank(np.arange(len(day.targets)), nothing)
     ranks["seen_excluded"][method] = rank(novel_rows, day.seen_pairs(novel_rows))
-  return ranks
+  return ranks, lists
 
 
 def _by_decile(ranks: Ranks, day: _Day, ks: Sequence[int]) -> dict[str, Any]:
@@ -227,15 +334,65 @@ def _recall_figures(ranks: Ranks, ks: Sequence[int], k: int) -> dict[str, Any]:
   return figures
 
 
+def _diversity(workdir: str, loaded: Mapping[str, tf.Module],
+               meta: Mapping[str, dict[str, Any]], day: _Day, ranks: Ranks, plain: Lists,
+               settings: EvaluationSettings, k: int) -> dict[str, Any]:
+  """The "diversity" entry: recall and diversity of each export's diverse lists and
+  of its plain ones (`ranks` and `plain`: its retrieve lists' target ranks and first
+  items)."""
+  count = min([settings.diversity_candidates] + [m["max_k"] for m in meta.values()])
+  size = min(settings.diversity_k, count, k)
+  ks = sorted({c for c in KS if c <= size} | {size})
+  diverse = DiverseRequest(float(settings.diversity_theta), count)
+  found: dict[str, dict[str, Any]] = {"all": {}, "seen_excluded": {}}
+  lists: dict[str, dict[str, Any]] = {"all": {}, "seen_excluded": {}}
+  for name, model in loaded.items():
+    items = diversity.CorpusItems.of(model.item_ids.numpy(), model.item_embeddings.numpy(),
+                                     diversity.corpus_pattern(workdir, meta[name]))
+    for mode in found:
+      chosen = retrieve(model, day.events, day.rows(mode), size, day.exclusions(mode),
+                        size, diverse)
+      found[mode][name] = {
+          kind: {str(c): v for c, v in recall.recall_at(r, ks).items()}
+          for kind, r in (("plain", ranks[mode][name]), ("diverse", chosen.ranks))}
+      lists[mode][name] = {
+          kind: items.figures(items.rows_of(heads))
+          for kind, heads in (("plain", plain[mode][name][:, :size]),
+                              ("diverse", chosen.heads))}
+  return {"theta": diverse.theta, "num_candidates": count, "k": size, "ks": ks,
+          "recall": found, "lists": lists}
+
+
+def diversity_summary(metrics: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+  """The headline of metrics.json's "diversity" (None without it): per mode and
+  export, recall@k and mean pairwise distance of the plain and the diverse lists."""
+  found = metrics.get("diversity")
+  if found is None:
+    return None
+  k = str(found["k"])
+  return {"theta": found["theta"], "k": found["k"],
+          "num_candidates": found["num_candidates"],
+          **{mode: {name: {
+              "recall": {kind: figures[k] for kind, figures in by_kind.items()},
+              "pairwise_distance": {kind: figures["pairwise_distance"] for kind, figures
+                                    in found["lists"][mode][name].items()}}
+                    for name, by_kind in by_export.items()}
+             for mode, by_export in found["recall"].items()}}
+
+
 def compute_metrics(workdir: str, day: datetime.date, exports: Mapping[str, str],
-                    state: EvaluationState) -> dict[str, Any]:
+                    state: EvaluationState,
+                    settings: EvaluationSettings = EvaluationSettings()) -> dict[str, Any]:
   """Scores the exports {"scann"/"exact": version dir} on day D's events.
 
   Returns:
     The metrics of metrics.json (see the module docstring).
 
   Raises:
-    ValueError: no events on day D.
+    ValueError: no events on day D; with diversity, an export item the corpus of
+      its day lacks.
+    FileNotFoundError: with diversity, no corpus of the export's day
+      (diversity.corpus_pattern).
   """
   loaded = {name: state.exports.load(path) for name, path in exports.items()}
   meta = {name: versions.read_metadata(path) for name, path in exports.items()}
@@ -251,7 +408,9 @@ def compute_metrics(workdir: str, day: datetime.date, exports: Mapping[str, str]
   logging.info("scoring %s on %d events of %s", sorted(exports.values()),
                len(events["item_id"]), day)
   scored = _Day.of(events, corpus, training)
-  ranks = _score(loaded, scored, training, k)
+  diverse = settings.diversity_theta is not None
+  ranks, plain = _score(loaded, scored, training, k,
+                        min(settings.diversity_k, k) if diverse else 0)
   metrics = {
       "day": day.isoformat(),
       "num_events": len(scored.targets),
@@ -269,6 +428,9 @@ def compute_metrics(workdir: str, day: datetime.date, exports: Mapping[str, str]
       **_recall_figures(ranks, ks, k),
       "by_popularity_decile": _by_decile(ranks, scored, ks),
   }
+  if diverse:
+    metrics["diversity"] = _diversity(workdir, loaded, meta, scored, ranks, plain,
+                                      settings, k)
   return metrics
 
 
@@ -301,7 +463,8 @@ def plot_day(workdir: str, day: datetime.date) -> str:
 
 def evaluate_day(workdir: str, day: datetime.date, scann_dir: Optional[str],
                  exact_dir: Optional[str], state: Optional[EvaluationState] = None,
-                 plot: bool = True) -> dict[str, Any]:
+                 plot: bool = True,
+                 settings: EvaluationSettings = EvaluationSettings()) -> dict[str, Any]:
   """Scores the exports on day D's events; writes W/eval/D/metrics.json and recall.png.
 
   Args:
@@ -312,6 +475,7 @@ def evaluate_day(workdir: str, day: datetime.date, scann_dir: Optional[str],
       interactions persist in the workdir either way).
     plot: draw W/eval/D/recall.png. It costs more than the rest of the evaluation
       (matplotlib), and `plot_day` draws it later from metrics.json.
+    settings: what is scored beyond recall (EvaluationSettings).
 
   Returns:
     The metrics written to metrics.json (see the module docstring).
@@ -323,7 +487,7 @@ def evaluate_day(workdir: str, day: datetime.date, scann_dir: Optional[str],
              if path}
   if not exports:
     raise ValueError("evaluate_day needs at least one export directory")
-  metrics = compute_metrics(workdir, day, exports, state or EvaluationState())
+  metrics = compute_metrics(workdir, day, exports, state or EvaluationState(), settings)
   write_metrics(workdir, day, metrics, plot=plot)
   logging.info("evaluated %s: %s", day, json.dumps(metrics["recall"]))
   return metrics

@@ -27,6 +27,7 @@ from absl import logging
 from core import app_logging
 from core import cli
 from core import workdir as workdir_lib
+from evaluation import evaluator
 from models import trainer as trainer_lib
 from models import config as config_lib
 from pipeline import beam_day
@@ -68,6 +69,11 @@ _CORPUS_SHARDS = flags.DEFINE_integer("corpus_shards",
                                       **beam_day.flag_args("corpus_shards"))
 _HISTORY_SHARDS = flags.DEFINE_integer("history_shards",
                                        **beam_day.flag_args("history_shards"))
+# The evaluation.
+_DIVERSITY_THETA = flags.DEFINE_float("diversity_theta",
+                                      **evaluator.flag_args("diversity_theta"))
+_DIVERSITY_CANDIDATES = flags.DEFINE_integer(
+    "diversity_candidates", **evaluator.flag_args("diversity_candidates"))
 # The export.
 _MIN_ANN_RECALL = flags.DEFINE_float(
     "min_ann_recall", _EXPORT.min_ann_recall, "Fail the export when ScaNN's recall@10 "
@@ -103,6 +109,9 @@ def main(argv: Sequence[str]) -> None:
                                    max_skew_s=_MAX_SKEW_S.value,
                                    corpus_shards=_CORPUS_SHARDS.value,
                                    history_shards=_HISTORY_SHARDS.value),
+        evaluate=evaluator.EvaluationSettings(
+            diversity_theta=_DIVERSITY_THETA.value,
+            diversity_candidates=_DIVERSITY_CANDIDATES.value),
         export=exporter.ExportSettings(export_k=_EXPORT_K.value,
                                        min_ann_recall=_MIN_ANN_RECALL.value),
         pipeline_args=argv[1:], progress=lambda line: print(line, flush=True))

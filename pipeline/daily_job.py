@@ -95,6 +95,7 @@ class DailyJob:
                settings: JobSettings = JobSettings(),
                config: Optional[ModelConfig] = None,
                beam: Optional[beam_day.BeamSettings] = None,
+               evaluate: Optional[evaluator.EvaluationSettings] = None,
                export: Optional[exporter.ExportSettings] = None,
                pipeline_args: Sequence[str] = (), strategy: Any = None,
                progress: Optional[Callable[[str], None]] = None):
@@ -102,6 +103,7 @@ class DailyJob:
     self.settings = settings
     self.config = config
     self.beam = beam
+    self.evaluate = evaluate or evaluator.EvaluationSettings()
     self.export = export or exporter.ExportSettings()
     self.pipeline_args = list(pipeline_args)
     self.strategy = strategy
@@ -199,14 +201,18 @@ class DailyJob:
     if found is None:
       return {"skipped": "no export yet: nothing trained before this day"}
     metrics = evaluator.evaluate_day(self.workdir.root, day, found[0], found[1],
-                                     state=self.evaluation)
+                                     state=self.evaluation, settings=self.evaluate)
     exact = metrics["exports"].get("exact") or metrics["exports"]["scann"]
-    return {"export": found[1], "export_version": exact["version"],
-            "exported_from_day": exact["exported_from_day"],
-            "scored_events": {"all": metrics["num_events"],
-                              "seen_excluded": metrics["num_events_seen_excluded"]},
-            "metrics": os.path.join(self.workdir.eval_dir(day), workdir_lib.METRICS),
-            "recall": report.headline(metrics)}
+    record = {"export": found[1], "export_version": exact["version"],
+              "exported_from_day": exact["exported_from_day"],
+              "scored_events": {"all": metrics["num_events"],
+                                "seen_excluded": metrics["num_events_seen_excluded"]},
+              "metrics": os.path.join(self.workdir.eval_dir(day), workdir_lib.METRICS),
+              "recall": report.headline(metrics)}
+    diversity = evaluator.diversity_summary(metrics)
+    if diversity is not None:  # only with --diversity_theta: records stay as they were
+      record["diversity"] = diversity
+    return record
 
   def _behind(self, day: dt.date) -> list[dt.date]:
     """Days before `day` the manifest records as trained but the trainer has not
@@ -276,8 +282,11 @@ def _summary(step: str, record: dict[str, Any]) -> str:
     recall = record["recall"]["all"]
     figures = ", ".join(f"{method} {recall[method]['10']:.3f}"
                         for method in report.METHODS if method in recall)
-    return (f"R@10 {figures} (export {record['export_version']} of "
-            f"{record['exported_from_day']})")
+    words = (f"R@10 {figures} (export {record['export_version']} of "
+             f"{record['exported_from_day']})")
+    if record.get("diversity"):
+      return words + "; " + _diversity_words(record["diversity"])
+    return words
   if step == "train":
     loss = record.get("mean_loss")
     words = (f"{record.get('examples')} examples, "
@@ -292,6 +301,21 @@ def _summary(step: str, record: dict[str, Any]) -> str:
     return (f"version {record['version']}{' (reused)' if record.get('reused') else ''}, "
             f"ANN recall@10 {record['ann_recall_at_10']:.3f}")
   return record.get("summary", "")
+
+
+def _diversity_words(summary: dict[str, Any]) -> str:
+  """The progress line's words for the evaluation's diversity headline (all events,
+  the exact export, else the ScaNN one): diverse against plain."""
+  by_export = summary["all"]
+  found = by_export.get("exact") or by_export["scann"]
+  recall, distance = found["recall"], found["pairwise_distance"]
+  return (f"DPP theta {summary['theta']:g}: R@{summary['k']} {_number(recall['diverse'])} "
+          f"(plain {_number(recall['plain'])}), pairwise distance "
+          f"{_number(distance['diverse'])} (plain {_number(distance['plain'])})")
+
+
+def _number(value: Optional[float]) -> str:
+  return "-" if value is None else f"{value:.3f}"
 
 
 def _jsonable(value: Any) -> Any:

@@ -239,6 +239,26 @@ def test_forced_day_is_scored_by_the_export_made_before_it(workdir, tmp_path):
       "1", "2", "3"]
 
 
+def test_diversity_theta_scores_the_diverse_list_beside_the_plain_one(workdir, tmp_path):
+  """--diversity_theta adds the DPP list's figures; theta = 1 is the plain top k."""
+  w = _copy(workdir, tmp_path)
+  metrics_path = os.path.join(w, "eval", DAYS[1], "metrics.json")
+  with open(metrics_path) as f:
+    assert "diversity" not in json.load(f)
+  proc = _daily(w, f"--date={DAYS[1]}", "--force", "--diversity_theta=1",
+                "--diversity_candidates=50", *TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "DPP theta 1: R@10" in proc.stdout, proc.stdout[-2000:]
+  with open(metrics_path) as f:
+    diversity = json.load(f)["diversity"]
+  assert diversity["theta"] == 1 and diversity["num_candidates"] == 50
+  exact = diversity["recall"]["all"]["exact"]
+  assert exact["diverse"] == exact["plain"]
+  assert diversity["lists"]["all"]["exact"]["diverse"] == (
+      diversity["lists"]["all"]["exact"]["plain"])
+  assert _manifest(w)[DAYS[1]]["evaluate"]["diversity"]["theta"] == 1
+
+
 def test_missing_exports_fail_the_day_naming_them(workdir, tmp_path):
   w = _copy(workdir, tmp_path)
   exports = os.path.join(w, "exports")
