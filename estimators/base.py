@@ -12,10 +12,17 @@ shape of `item_ids`, clipped to [min_probability, max_probability] so that the
 logQ correction `s - log p` is always finite.
 
 The state must see each step's whole (global) batch once. Under a multi-replica
-`tf.distribute` strategy, call the layer in cross-replica context (outside
-`strategy.run`) on the gathered global batch: called inside `strategy.run`, each
-replica would update its own mirrored copy with its own slice, and the copies
-would drift apart.
+`tf.distribute` strategy, call the layer inside `strategy.run`, on every replica,
+with the ids of the whole global batch (all-gathered, in the same order on every
+replica) and the same step, as models/retrieval.py does: the state variables
+are mirrored with aggregation NONE, so an update in replica context changes that
+replica's own copy only, and every copy then makes the same update and holds the
+same state. Called with each replica's own slice instead, the copies drift apart
+(each would see B / replicas ids per step). The layer's updates are deterministic
+functions of (ids, step), so the copies stay equal bit for bit. State in lookup
+tables (estimators/exact.py) is one table per process, which the process's
+replicas update in turn: the first update of a step sets it, and a second one
+at the same step changes nothing.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ it, mid-epoch or mid-day, with or without the optional window shuffle.
 One epoch streams the files (bounded memory). More epochs parse the window once
 (`parse_window`) and then gather the stream's batches from those tensors, so no
 record is read or parsed again: the window is held in memory, parsed.
+
+Under several replicas (models/distribute.py) a worker's stream is its
+replicas' shares of each global batch (`ReplicaShare`): the same batches of the
+same stream, each split in order, so the position stays a count of the
+stream's examples.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import tensorflow as tf
 
 from core import workdir as workdir_lib
+from models import distribute
 from models import features
 
 EXAMPLES_PATTERN = "examples-*.tfrecord.gz"
@@ -162,6 +168,50 @@ def _parser(max_history: int) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
   return parse
 
 
+class ReplicaShare(NamedTuple):
+  """The replicas of one worker: global replicas [first, first + local) of `total`.
+
+  With a share, a stream yields, for every global batch of `batch_size`, the
+  rows of each of these replicas in turn (`distribute.replica_rows`), so that
+  the replicas of all workers together see each global batch once, in order.
+  Every worker reads the whole stream but parses only its replicas' rows.
+  """
+  first: int
+  local: int
+  total: int
+
+
+# A serialized Example without features: parsed, every feature's absent value.
+_NO_FEATURES = tf.train.Example().SerializeToString()
+
+
+def _parse_share(max_history: int) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+  """The parser of a replica's slice, which may be empty (a global batch shorter
+  than the replicas): an empty slice parses as the features of no example."""
+  parse = _parser(max_history)
+
+  def parse_or_none(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    return tf.cond(tf.size(serialized) > 0, lambda: parse(serialized), lambda: {
+        name: value[:0] for name, value in parse(tf.constant([_NO_FEATURES])).items()})
+  return parse_or_none
+
+
+def _split(batches: tf.data.Dataset, share: Optional[ReplicaShare]) -> tf.data.Dataset:
+  """Each global batch of `batches` (a dataset of tensors [n, ...]) as the
+  `share.local` slices of this worker's replicas, in replica order."""
+  if share is None or share.total == 1:
+    return batches
+
+  def slices(batch: tf.Tensor) -> tf.data.Dataset:
+    def replica_slice(replica: tf.Tensor) -> tf.Tensor:
+      start, end = distribute.replica_rows(tf.shape(batch, tf.int64)[0], replica,
+                                           share.total)
+      return batch[start:end]
+    return tf.data.Dataset.range(share.first, share.first + share.local).map(
+        replica_slice)
+  return batches.flat_map(slices)
+
+
 def training_batches(files: Sequence[str], batch_size: int, skip: int = 0,
                      max_history: int = features.MAX_HISTORY, shuffle_buffer: int = 0,
                      seed: int = 0, parallel_parses: Optional[int] = None
@@ -174,8 +224,8 @@ def training_batches(files: Sequence[str], batch_size: int, skip: int = 0,
 
 def stream_batches(days: Sequence[DayFiles], batch_size: int, skip: int = 0,
                    epochs: int = 1, max_history: int = features.MAX_HISTORY,
-                   shuffle_buffer: int = 0, parallel_parses: Optional[int] = None
-                   ) -> tf.data.Dataset:
+                   shuffle_buffer: int = 0, parallel_parses: Optional[int] = None,
+                   share: Optional[ReplicaShare] = None) -> tf.data.Dataset:
   """Parsed batches of the stream: `days` in order, `epochs` times, from example `skip`.
 
   Batches run across day and epoch boundaries; only the stream's last batch may
@@ -192,6 +242,9 @@ def stream_batches(days: Sequence[DayFiles], batch_size: int, skip: int = 0,
     parallel_parses: batches parsed at once (tf.data.AUTOTUNE allowed); None
       parses one at a time, behind the prefetch (each parse is multi-threaded
       already). bench/input_parallelism.py compares the two.
+    share: this worker's replicas (multi-worker training): each global batch
+      of `batch_size` becomes their slices, one per replica (`ReplicaShare`);
+      `skip` still counts examples of the whole stream.
 
   Returns:
     A dataset of dicts of features.TRAINING_FEATURES in the dense form of
@@ -205,8 +258,9 @@ def stream_batches(days: Sequence[DayFiles], batch_size: int, skip: int = 0,
     records = _window_records(days, shuffle_buffer)
     if skip:
       records = records.skip(skip)
-    return (records.batch(batch_size)
-            .map(_parser(max_history), num_parallel_calls=parallel_parses,
+    parse = _parser(max_history) if share is None else _parse_share(max_history)
+    return (_split(records.batch(batch_size), share)
+            .map(parse, num_parallel_calls=parallel_parses,
                  deterministic=True if parallel_parses else None)
             .prefetch(tf.data.AUTOTUNE))
   window, size = parse_window(days, batch_size, max_history, shuffle_buffer)
@@ -218,7 +272,7 @@ def stream_batches(days: Sequence[DayFiles], batch_size: int, skip: int = 0,
 
   def gather(index: tf.Tensor) -> dict[str, tf.Tensor]:
     return {name: tf.gather(value, index % size) for name, value in window.items()}
-  return (tf.data.Dataset.range(skip, epochs * size).batch(batch_size)
+  return (_split(tf.data.Dataset.range(skip, epochs * size).batch(batch_size), share)
           .map(gather).prefetch(tf.data.AUTOTUNE))
 
 

@@ -9,8 +9,9 @@ logQ: an in-batch column its estimator's log p, a sampled column
 log(N / corpus size), its expected count per step.
 
 The corpus lives in `UniformNegatives`' variables (their shapes change with the
-corpus); it is not part of the model's checkpoint: the trainer loads the day's
-corpus at the start of every day (`TwoTowerModel.load_negative_corpus`). Draws
+corpus, and the first corpus creates them); it is not part of the model's
+checkpoint: the trainer loads the day's corpus at the start of every day
+(`TwoTowerModel.load_negative_corpus`), on every worker. Draws
 are stateless, seeded by (seed, global step), so a resumed day draws exactly the
 negatives it would have drawn.
 """
@@ -70,13 +71,11 @@ class UniformNegatives:
       raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     self.num_samples = num_samples
     self.seed = seed
-    self.corpus = {}
-    for name in features.CANDIDATE_FEATURES:
-      dtype, multi, _ = features.FEATURES[name]
-      shape = [0, 0] if multi else [0]
-      self.corpus[name] = tf.Variable(tf.zeros(shape, dtype), trainable=False,
-                                      shape=tf.TensorShape([None] * len(shape)),
-                                      name=f"negatives_{name}")
+    # Created by the first set_corpus: a model is built in a strategy's scope,
+    # where a multi-worker strategy would make them distributed variables, whose
+    # initial value it broadcasts, which collectives cannot do for strings.
+    # Every worker loads the same corpus itself.
+    self.corpus: dict[str, tf.Variable] = {}
 
   def set_corpus(self, candidates: Mapping[str, np.ndarray | tf.Tensor]) -> None:
     """Holds `candidates` (CANDIDATE_FEATURES, dense form, n >= 1 rows) from now on.
@@ -98,7 +97,12 @@ class UniformNegatives:
     if bool(tf.reduce_any(ids == "")) or int(tf.size(tf.unique(ids).y)) != size:
       raise ValueError("negative corpus: item ids must be non-empty and distinct")
     for name, value in values.items():
-      self.corpus[name].assign(value)
+      if name in self.corpus:
+        self.corpus[name].assign(value)
+      else:
+        self.corpus[name] = tf.Variable(value, trainable=False,
+                                        shape=tf.TensorShape([None] * value.shape.rank),
+                                        name=f"negatives_{name}")
 
   def sample(self, step: tf.Tensor) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
     """N candidates drawn at global `step`, and the sampling probability of each.
@@ -110,14 +114,14 @@ class UniformNegatives:
     Raises:
       InvalidArgumentError: no corpus was set.
     """
+    if not self.corpus:
+      raise tf.errors.InvalidArgumentError(
+          None, None, "uniform negatives need a corpus: call the model's "
+          "load_negative_corpus(workdir, day) or set_negative_corpus(...) first")
     size = tf.shape(self.corpus["item_id"], out_type=tf.int64)[0]
-    check = tf.debugging.assert_positive(
-        size, message="uniform negatives need a corpus: call the model's "
-        "load_negative_corpus(workdir, day) or set_negative_corpus(...) first")
-    with tf.control_dependencies([check]):
-      seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)])
-      rows = tf.random.stateless_uniform([self.num_samples], seed, minval=0,
-                                         maxval=size, dtype=tf.int64)
+    seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)])
+    rows = tf.random.stateless_uniform([self.num_samples], seed, minval=0, maxval=size,
+                                       dtype=tf.int64)
     drawn = {name: tf.gather(value, rows) for name, value in self.corpus.items()}
     probability = tf.fill([self.num_samples],
                           self.num_samples / tf.cast(size, tf.float32))

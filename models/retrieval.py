@@ -17,6 +17,13 @@ temperature first and then subtracts log p (clipped to [1e-6, 1]), which is this
 order; tests/test_models.py pins it against a hand computation. The task sums
 over the batch; we divide by the global batch size, as tf.distribute expects.
 
+Under several replicas (models/distribute.py) the batch is the global one: each
+replica gathers the candidates and ids of every replica, updates the estimator
+with the global ids (each replica's copy the same way) and scores its own
+queries against all B candidates, its own first so that its positives stay on
+the diagonal; the loss of its rows divided by B sums over the replicas to the
+loss of one process on the whole batch.
+
 With `count_multiplicity` an estimator returns an expected count per batch, which
 may exceed 1, and TFRS's clip would make every count above 1 equal to 1. We pass
 p / max(1, max_j p_j) instead: subtracting the same log(max p) from every logit
@@ -34,6 +41,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 import estimators
+from models import distribute
 from models import layers
 from models import negatives
 from models.config import ESTIMATOR_FIELDS, ModelConfig
@@ -68,12 +76,15 @@ def in_batch_recall(query_embeddings: tf.Tensor, candidate_embeddings: tf.Tensor
   """Fraction of rows whose positive ranks in the top k of the batch's candidates.
 
   Ranks by the raw score <u, v> (what serving ranks by, no correction); other
-  columns with the positive's item id are not counted as competitors.
+  columns with the positive's item id are not counted as competitors. Candidate
+  i is query i's positive; candidates past the queries' (e.g. the rest of a
+  global batch) compete too.
   """
   scores = tf.linalg.matmul(query_embeddings, candidate_embeddings, transpose_b=True)
   positive = tf.linalg.diag_part(scores)[:, tf.newaxis]
   index = tf.unique(candidate_ids).idx
-  same_item = tf.equal(index[:, tf.newaxis], index[tf.newaxis, :])
+  rows = tf.shape(query_embeddings)[0]
+  same_item = tf.equal(index[:rows, tf.newaxis], index[tf.newaxis, :])
   beaten_by = tf.logical_and(scores > positive, tf.logical_not(same_item))
   rank = tf.reduce_sum(tf.cast(beaten_by, tf.int32), axis=1)
   return tf.reduce_mean(tf.cast(rank < k, tf.float32))
@@ -173,11 +184,26 @@ class TwoTowerModel(tfrs.Model):
         the optimizer's iterations.
 
     Returns:
-      Scalar loss, averaged over the global batch.
+      Scalar loss: this replica's rows' sum divided by the global batch's rows,
+      so that the replicas' losses (and gradients) sum to the global batch's.
     """
     query_embeddings, candidate_embeddings = self(features, training=training)
     item_ids = features["item_id"]
-    probability = self.sampling_probability(item_ids, step, training)
+    rows = tf.shape(query_embeddings)[0]
+    shared = distribute.GlobalBatch.of(rows)
+    if shared is None:
+      probability = self.sampling_probability(item_ids, step, training)
+    else:
+      # Every replica updates its copy of the estimator with the same global ids
+      # at the same step (so the copies stay equal), then scores its queries
+      # against the global batch's candidates, its own first.
+      global_ids = shared.gather_strings(item_ids)
+      probability = self.sampling_probability(global_ids, step, training)
+      if probability is not None:
+        probability = shared.own_first(probability)
+      item_ids = shared.own_first(global_ids)
+      candidate_embeddings = shared.own_first(shared.gather(candidate_embeddings))
+      rows = shared.rows
     if training and self.negatives is not None:
       drawn, drawn_probability = self.negatives.sample(self._step(step))
       candidate_embeddings = tf.concat(
@@ -196,6 +222,4 @@ class TwoTowerModel(tfrs.Model):
         candidate_sampling_probability=self._below_one(probability),
         candidate_ids=item_index,
         compute_metrics=False, compute_batch_metrics=False)
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    global_batch = tf.cast(tf.shape(query_embeddings)[0] * replicas, loss_sum.dtype)
-    return loss_sum / global_batch
+    return loss_sum / tf.cast(rows, loss_sum.dtype)

@@ -9,6 +9,11 @@ W/config.json (or the default config on a new workdir). Arguments are checked
 before anything is created: a bad value, or a config that differs from
 W/config.json in an architecture field, fails in one line with exit status 2.
 The full log goes to W/run_logs/train-<UTC time>-<pid>.log (`-v 0` shows it).
+
+With TF_CONFIG in the environment, this process is one worker of a
+MultiWorkerMirroredStrategy cluster (models/distribute.py): start the same
+command on every worker; each global batch of --batch_size is split across them,
+and the chief (worker 0, or the "chief" task) writes checkpoints and summaries.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from absl import logging
 from core import app_logging
 from core import cli
 from models import config as config_lib
+from models import distribute
 from models import trainer as trainer_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Working directory (see README: layout).")
@@ -52,11 +58,14 @@ def main(argv: Sequence[str]) -> None:
                       if flag.value is not None})
     config = config_lib.config_from_overrides(config_lib.saved_config(workdir), overrides)
     trainer_lib.resolve_config(workdir, config)  # before anything is created
+    # Before any TensorFlow op runs (collectives are set up at program start);
+    # it waits for every worker of TF_CONFIG's cluster.
+    strategy = distribute.strategy_from_environment()
   except (flags.Error, app.UsageError, ValueError) as e:
     cli.exit_with_error(e)
   app_logging.setup(workdir, "train")
   try:
-    trainer = trainer_lib.Trainer(workdir, config)
+    trainer = trainer_lib.Trainer(workdir, config, strategy=strategy)
     day = first
     while day <= last:
       print(json.dumps(trainer.train_day(day)), flush=True)

@@ -36,6 +36,18 @@ statistics and the in-batch recall@{1,10} of the next batch, measured before
 training on it. A day's loss sum and step count are checkpointed too, so a
 resumed day still reports the mean loss of its whole stream.
 
+Several workers (a MultiWorkerMirroredStrategy from TF_CONFIG, see
+models/distribute.py) train as one process would: every step is one global batch
+of `batch_size`, split in order across the replicas (each worker reads the
+stream and parses its replicas' rows), scored against the whole batch's
+candidates, with one estimator; the position in the day counts global examples,
+so all workers resume from the chief's checkpoint at the same example, whatever
+their number. Only the chief writes checkpoints, summaries and the config (the
+others save into temporary directories, as TF's multi-worker recipe has it).
+Each step is its own call there (`_run_steps` says why). A worker that dies
+stops the others (their step fails once the cluster misses it, naming the
+chief's last checkpoint); restarting them all resumes exactly.
+
 Fault injection, for tests only: with the environment variable
 TOWERSTREAM_KILL_AFTER_STEP=N, the training process kills itself with SIGKILL
 right after global step N has been trained and, if N is a checkpoint step,
@@ -51,13 +63,14 @@ import json
 import os
 import signal
 import time
-from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 from absl import logging
 import tensorflow as tf
 
 from core import workdir as workdir_lib
 from models import data
+from models import distribute
 from models import features
 from models.config import ModelConfig
 from models.config import saved_config
@@ -66,6 +79,10 @@ from models.retrieval import in_batch_recall
 from models.retrieval import TwoTowerModel
 
 _LOSS_CHECK = "training loss is not finite"
+# What a worker's step raises when another worker died: its collectives are
+# aborted once the cluster's coordination service misses that worker.
+_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError,
+                tf.errors.CancelledError)
 # Test-only fault injection (module docstring): SIGKILL after this global step.
 KILL_AFTER_STEP_ENV = "TOWERSTREAM_KILL_AFTER_STEP"
 # The keys of the trainer's tf.train.Checkpoint that say how far it trained, and
@@ -284,7 +301,11 @@ class Trainer:
   Attributes:
     workdir: the workdir.
     config: the ModelConfig in use.
-    strategy: the tf.distribute strategy (default: the default strategy).
+    strategy: the tf.distribute strategy (default: the default strategy); a
+      MultiWorkerMirroredStrategy trains on global batches across its workers
+      (models/distribute.py).
+    is_chief: whether this process writes checkpoints, summaries and the config
+      (always, but for a multi-worker strategy's other workers).
     model: the TwoTowerModel.
     restored: the checkpoint restored at construction (or at the reload after a
       divergence), None if there was none.
@@ -296,7 +317,12 @@ class Trainer:
     self._paths = workdir_lib.Workdir(workdir)
     self.config = resolve_config(workdir, config)
     self.strategy = strategy or tf.distribute.get_strategy()
-    self._writer = tf.summary.create_file_writer(self._paths.tensorboard_dir)
+    # Only the chief writes what the job keeps (models/distribute.py).
+    self.is_chief = distribute.is_chief(self.strategy)
+    self._workers = distribute.num_workers(self.strategy)
+    self._writer = (tf.summary.create_file_writer(self._paths.tensorboard_dir)
+                    if self.is_chief else tf.summary.create_noop_writer())
+    logging.info("trainer strategy: %s", distribute.describe(self.strategy))
     self._build()
 
   def _build(self) -> None:
@@ -321,8 +347,11 @@ class Trainer:
     objects = dict(zip(POSITION_KEYS, (self._day, self._day_examples, self._day_complete)),
                    model=self.model, optimizer=self.optimizer,
                    day_loss_sum=self._day_loss_sum, day_loss_steps=self._day_loss_steps)
+    # Every worker restores from, and names, the chief's checkpoints; only the
+    # chief's manager writes there (`_save`).
+    self._checkpoint = tf.train.Checkpoint(**objects)
     self._manager = tf.train.CheckpointManager(
-        tf.train.Checkpoint(**objects), self._paths.checkpoints_dir,
+        self._checkpoint, self._paths.checkpoints_dir,
         max_to_keep=self.config.max_checkpoints, step_counter=self.optimizer.iterations)
     if self._manager.latest_checkpoint:
       if not workdir_lib.exists(self._paths.config_path):
@@ -343,6 +372,7 @@ class Trainer:
     self._train_batch = tf.function(self._distributed_step, reduce_retracing=True)
     self._train_steps = tf.function(self._distributed_steps, reduce_retracing=True)
     self._probe = tf.function(self._distributed_probe, reduce_retracing=True)
+    self._announce_fn = tf.function(self._distributed_announce)
     self._stale = False
 
   @property
@@ -374,8 +404,10 @@ class Trainer:
                                      step=self.optimizer.iterations + 1)
     variables = self.model.trainable_variables
     gradients = tape.gradient(loss, variables)
-    loss = tf.debugging.check_numerics(loss, _LOSS_CHECK)
-    with tf.control_dependencies([loss]):
+    # Several replicas check the global batch's loss: all of them stop, or none.
+    total = (loss if self.strategy.num_replicas_in_sync == 1
+             else distribute.GlobalBatch.sum(loss))
+    with tf.control_dependencies([tf.debugging.check_numerics(total, _LOSS_CHECK)]):
       self.optimizer.apply_gradients(zip(gradients, variables))
       size = tf.shape(batch["item_id"], out_type=tf.int64)[0]
     return loss, size
@@ -403,16 +435,53 @@ class Trainer:
       done += 1
     return done
 
+  def _run_steps(self, iterator: Iterator[Any], steps: int) -> int:
+    """Trains up to `steps` batches of `iterator`; returns how many (fewer: it ended).
+
+    One process runs them in one call (`_distributed_steps`). Several replicas
+    run one call per step: TensorFlow keys a tf.function's collectives per call,
+    so every iteration of a loop inside one call reuses the same keys, and the
+    collective runtime keeps the shapes it saw first under a key; a gather whose
+    shape changes between steps (the sparse embedding gradients, a short last
+    batch) then fails with "Shape mismatch in the collective instance".
+    """
+    if self.strategy.num_replicas_in_sync == 1:
+      return int(self._train_steps(iterator, tf.constant(steps, tf.int64)))
+    for done in range(steps):
+      batch = next(iterator, None)
+      if batch is None:
+        return done
+      self._train_batch(batch)
+    return steps
+
   def _day_loss(self) -> tuple[float, int]:
     """(sum of losses, steps) of the day so far, resumed parts included."""
     return float(self._day_loss_sum.numpy()), int(self._day_loss_steps.numpy())
 
   def _replica_probe(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """In-batch recall and estimator statistics of a batch, before training on it."""
+    """In-batch recall and estimator statistics of a batch, before training on it.
+
+    Under several replicas, of the global batch: every replica ranks its queries'
+    positives among all the batch's candidates, and its recall is weighted by its
+    rows; the estimator's statistics are those of the global ids, the same on
+    every replica.
+    """
     query, candidate = self.model(batch, training=False)
     ids = batch["item_id"]
-    stats = {f"in_batch_recall@{k}": in_batch_recall(query, candidate, ids, k)
-             for k in (1, 10)}
+    shared = distribute.GlobalBatch.of(tf.shape(query)[0])
+    if shared is None:
+      stats = {f"in_batch_recall@{k}": in_batch_recall(query, candidate, ids, k)
+               for k in (1, 10)}
+    else:
+      ids = shared.gather_strings(ids)
+      candidate = shared.own_first(shared.gather(candidate))
+      # Recall x rows x replicas / global rows: the replicas' mean (below) is
+      # the global batch's recall, a replica without rows counting for nothing.
+      weight = (tf.cast(tf.shape(query)[0] * self.strategy.num_replicas_in_sync,
+                        tf.float32) / tf.cast(shared.rows, tf.float32))
+      stats = {f"in_batch_recall@{k}": tf.math.multiply_no_nan(
+          in_batch_recall(query, candidate, shared.own_first(ids), k), weight)
+               for k in (1, 10)}
     estimator = self.model.estimator
     if estimator is not None:
       p = estimator.estimate(ids)
@@ -445,12 +514,31 @@ class Trainer:
           f"day {day}: loss is NaN or infinite at global step {self.global_step + 1} "
           f"(examples {self._day_examples.numpy()}.. of the day's stream); stopped, "
           f"last checkpoint {self._manager.latest_checkpoint} is untouched") from e
+    except _PEER_ERRORS as e:
+      if self._workers == 1:
+        raise data.input_error(where, int(self._day_examples.numpy()), e) from e
+      raise RuntimeError(
+          f"day {day}: the cluster lost a worker after global step {self.global_step} "
+          f"({type(e).__name__}: {e.message.splitlines()[0]}); restart every worker: "
+          "they resume from the chief's last checkpoint, "
+          f"{tf.train.latest_checkpoint(self._manager.directory)}") from e
     except tf.errors.OpError as e:
       raise data.input_error(where, int(self._day_examples.numpy()), e) from e
 
   def _save(self, step: int) -> str:
+    """Checkpoints the state at global `step`; returns the chief's checkpoint path.
+
+    Every worker saves (TF's multi-worker recipe: a save may run collectives);
+    the others into a temporary directory, deleted at once
+    (distribute.write_directory), so the chief's checkpoint is the only one.
+    """
     try:
-      path = self._manager.save(checkpoint_number=step)
+      with distribute.write_directory(self._manager.directory, self.is_chief) as target:
+        manager = self._manager if self.is_chief else tf.train.CheckpointManager(
+            self._checkpoint, target, max_to_keep=1)
+        saved = manager.save(checkpoint_number=step)
+      path = (saved if self.is_chief
+              else os.path.join(self._manager.directory, os.path.basename(saved)))
     except tf.errors.OpError as e:  # not to be mistaken for a bad input
       raise IOError(f"{self._manager.directory}: cannot write checkpoint {step}: "
                     f"{e.message}") from e
@@ -476,7 +564,7 @@ class Trainer:
     return now, consumed, total, steps
 
   def _save_config(self) -> None:
-    if saved_config(self.workdir) != self.config:
+    if self.is_chief and saved_config(self.workdir) != self.config:
       write_config(self.config, self._paths.config_path)
 
   def _start_day(self, day: datetime.date) -> Optional[int]:
@@ -513,12 +601,77 @@ class Trainer:
       window, once), the last probe's in-batch recall and estimator stats, and
       the final checkpoint path.
 
+    Under a multi-worker strategy, every worker calls it with the same day, in
+    the same order (checked), or the chief does and the others `follow()`.
+
     Raises:
       DivergenceError: a NaN or infinite loss; the model is reloaded from the last
         checkpoint before the next `train_day`.
       FileNotFoundError: no W/data/D.
-      RuntimeError: an earlier day is unfinished, or the stream cannot be read.
+      RuntimeError: an earlier day is unfinished, the stream cannot be read, or
+        the chief trains another day than this worker was asked to.
     """
+    if self._workers > 1:
+      chiefs = self._announce(day.toordinal() if self.is_chief else 0)
+      if chiefs != day.toordinal():
+        raise RuntimeError(f"{self.workdir}: this worker was asked to train {day}, the "
+                           f"chief trains {_day_of(chiefs) or 'nothing more'}: every "
+                           "worker must train the same days in the same order")
+    return self._train_day(day)
+
+  def follow(self, on_day: Optional[Callable[[dict[str, Any]], None]] = None
+             ) -> list[dict[str, Any]]:
+    """A non-chief worker's part in a job whose chief alone decides what to train.
+
+    Trains each day the chief's `train_day` trains, in step with it, until the
+    chief calls `release_workers`. The daily job runs this on every worker but
+    the chief: the chief alone runs the other steps, and the workers need not
+    know which days it trains (e.g. again after a lost checkpoint).
+
+    Args:
+      on_day: called with each day's stats.
+
+    Returns:
+      The stats of each day trained, in order.
+
+    Raises:
+      RuntimeError: this is the chief, or a single-process strategy.
+    """
+    if self.is_chief or self._workers == 1:
+      raise RuntimeError("follow() is for the non-chief workers of a multi-worker "
+                         "strategy; the chief calls train_day()")
+    done = []
+    while True:
+      ordinal = self._announce(0)
+      if ordinal == 0:
+        return done
+      done.append(self._train_day(_day_of(ordinal)))
+      if on_day is not None:
+        on_day(done[-1])
+
+  def release_workers(self) -> None:
+    """The chief's end of a job: returns the workers' `follow()`; a no-op but for
+    the chief of a multi-worker strategy."""
+    if self._workers > 1 and self.is_chief:
+      self._announce(0)
+
+  def _announce(self, ordinal: int) -> int:
+    """The chief's `ordinal` (a day's, or 0: no more days), on every worker.
+
+    A collective: every worker must call it, the others with 0.
+    """
+    return int(self._announce_fn(tf.constant(ordinal, tf.int64)))
+
+  def _distributed_announce(self, ordinal: tf.Tensor) -> tf.Tensor:
+    local = self.strategy.num_replicas_in_sync // self._workers
+
+    def replica_sum() -> tf.Tensor:
+      first = tf.distribute.get_replica_context().replica_id_in_sync_group % local == 0
+      return distribute.GlobalBatch.sum(tf.where(first, ordinal, tf.zeros_like(ordinal)))
+    return self.strategy.experimental_local_results(self.strategy.run(replica_sum))[0]
+
+  def _train_day(self, day: datetime.date) -> dict[str, Any]:
+    """`train_day` on this worker, once the workers agree on the day."""
     if self._stale:
       self._build()
     skip = self._start_day(day)
@@ -544,14 +697,25 @@ class Trainer:
     config = self.config
     window = data.replay_window(self.workdir, day, config.replay_days)
     days = [data.day_files(self.workdir, d, config.seed) for d in window]
-    batches = data.stream_batches(
-        days, config.batch_size, skip=skip, epochs=config.epochs_per_day,
-        max_history=config.max_history, shuffle_buffer=config.shuffle_buffer)
+
+    def batches(share: Optional[data.ReplicaShare] = None) -> tf.data.Dataset:
+      return data.stream_batches(
+          days, config.batch_size, skip=skip, epochs=config.epochs_per_day,
+          max_history=config.max_history, shuffle_buffer=config.shuffle_buffer,
+          share=share)
     logging.info("day %s: window %s (%d files), %d epochs, starting at example %d, "
                  "global step %d", day, [d.isoformat() for d in window],
                  sum(len(d.files) for d in days), config.epochs_per_day, skip,
                  self.global_step)
-    return iter(self.strategy.experimental_distribute_dataset(batches)), window
+    if self.strategy.num_replicas_in_sync == 1:
+      return iter(self.strategy.experimental_distribute_dataset(batches())), window
+
+    def worker_batches(context: tf.distribute.InputContext) -> tf.data.Dataset:
+      # Each global batch, split in order: this worker parses its replicas' rows.
+      local = context.num_replicas_in_sync // context.num_input_pipelines
+      return batches(data.ReplicaShare(first=context.input_pipeline_id * local,
+                                       local=local, total=context.num_replicas_in_sync))
+    return iter(self.strategy.distribute_datasets_from_function(worker_batches)), window
 
   def _train_pass(self, day: datetime.date, skip: int) -> _Pass:
     """Trains the rest of day D's stream from example `skip`; returns what it did.
@@ -607,7 +771,7 @@ class Trainer:
       chunk = min(every_log - step % every_log, every_checkpoint - step % every_checkpoint)
       if kill_after is not None and kill_after > step:
         chunk = min(chunk, kill_after - step)
-      if int(self._train_steps(iterator, tf.constant(chunk, tf.int64))) < chunk:
+      if self._run_steps(iterator, chunk) < chunk:
         return False
 
   def _finish_day(self, day: datetime.date, done: _Pass) -> dict[str, Any]:

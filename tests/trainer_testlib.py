@@ -76,6 +76,17 @@ def write_day(workdir: str, day: datetime.date, examples: list[dict],
         writer.write(features.to_example(examples[i]).SerializeToString())
 
 
+def write_corpus(workdir: str, day: datetime.date, examples: list[dict]) -> None:
+  """Writes W/data/D/corpus-00.tfrecord.gz: the distinct items of `examples`."""
+  items = {}
+  for e in examples:
+    items.setdefault(e["item_id"], {name: e[name] for name in features.CANDIDATE_FEATURES})
+  path = os.path.join(Workdir(workdir).data_dir(day), "corpus-00.tfrecord.gz")
+  with tf.io.TFRecordWriter(path, tf.io.TFRecordOptions(compression_type="GZIP")) as w:
+    for row in items.values():
+      w.write(features.to_example(row).SerializeToString())
+
+
 def state(trainer) -> list[np.ndarray]:
   return [v.numpy() for v in trainer.model.variables]
 
