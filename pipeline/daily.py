@@ -12,6 +12,10 @@ created. The model's history length is a model field (`--config_overrides=
 The terminal shows one line per day and step, then the table; the full log goes to
 W/run_logs/daily-<time>-<pid>.log (`--verbosity=0` shows it on the terminal too).
 
+Under a TF_CONFIG that names a cluster (models/distribute.py), start the same
+command on every worker: the chief runs the job (lock, manifest, every step) and
+trains with the others, which only follow its training steps (Trainer.follow).
+
   python -m pipeline.daily --workdir=W --date=2024-01-03
   python -m pipeline.daily --workdir=W --start_date=2024-01-01 --end_date=2024-01-31
 """
@@ -28,8 +32,9 @@ from core import app_logging
 from core import cli
 from core import workdir as workdir_lib
 from evaluation import evaluator
-from models import trainer as trainer_lib
 from models import config as config_lib
+from models import distribute
+from models import trainer as trainer_lib
 from pipeline import beam_day
 from pipeline import daily_job
 from pipeline import history
@@ -88,9 +93,24 @@ _EXPECTED_ERRORS = (daily_job.DayFailed, workdir_lock.WorkdirLocked,
                     trainer_lib.DivergenceError)
 
 
+def follow(workdir: workdir_lib.Workdir, config, strategy) -> None:
+  """A non-chief worker's run: trains each day the chief trains, in step with it."""
+  app_logging.log_to_file(workdir.root, "daily-worker")
+  task = distribute.strategy_task(strategy)
+  print(f"worker {task.index} of {task.workers}: following the chief's training",
+        flush=True)
+  days = trainer_lib.Trainer(workdir.root, config, strategy=strategy).follow(
+      on_day=lambda stats: print(f"{stats['day']} train (worker {task.index}) "
+                                 f"{stats.get('examples')} examples, global step "
+                                 f"{stats.get('global_step')}", flush=True))
+  print(f"worker {task.index}: trained {len(days)} days with the chief", flush=True)
+
+
 def main(argv: Sequence[str]) -> None:
   app_logging.quiet_terminal()
   try:
+    # First: MultiWorkerMirroredStrategy must configure collectives before any op.
+    strategy = distribute.strategy_from_environment()
     workdir = workdir_lib.Workdir(cli.workdir(_WORKDIR.value), _LOGS.value or "",
                                   _CATALOG.value or "")
     first, last = cli.day_range(_DATE.value, _START_DATE.value, _END_DATE.value)
@@ -114,9 +134,17 @@ def main(argv: Sequence[str]) -> None:
             diversity_candidates=_DIVERSITY_CANDIDATES.value),
         export=exporter.ExportSettings(export_k=_EXPORT_K.value,
                                        min_ann_recall=_MIN_ANN_RECALL.value),
-        pipeline_args=argv[1:], progress=lambda line: print(line, flush=True))
+        pipeline_args=argv[1:], strategy=strategy,
+        progress=lambda line: print(line, flush=True))
   except (flags.Error, app.UsageError, ValueError) as e:
     cli.exit_with_error(e)
+  if not distribute.is_chief(strategy):
+    try:
+      follow(workdir, config, strategy)
+    except (ValueError, trainer_lib.DivergenceError) as e:
+      logging.error("%s", e)
+      cli.exit_with_error(e)
+    return
   try:
     days = daily_job.run(workdir, first, last,
                          on_start=lambda: app_logging.log_to_file(workdir.root, "daily"),

@@ -39,9 +39,11 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
+import tensorflow as tf
 
 from core import workdir as workdir_lib
 from evaluation import evaluator
+from models import distribute
 from models import trainer as trainer_lib
 from models.config import ModelConfig
 from pipeline import beam_day
@@ -114,6 +116,7 @@ class DailyJob:
     self.evaluation = evaluator.EvaluationState(exports=self.exporting.published)
     self.reporting = report.Report(workdir)
     self._trainer: Optional[trainer_lib.Trainer] = None
+    self.failed_in_training = False
 
   @property
   def trainer(self) -> trainer_lib.Trainer:
@@ -227,6 +230,14 @@ class DailyJob:
     return behind
 
   def _train(self, day: dt.date) -> dict[str, Any]:
+    try:
+      return self._train_days(day)
+    except BaseException:
+      self.failed_in_training = True
+      raise
+
+  def _train_days(self, day: dt.date) -> dict[str, Any]:
+    """Trains `day`, after any earlier day the restored checkpoint lacks."""
     retrained = []
     for earlier in self._behind(day):
       logging.warning("%s: the manifest records %s as trained, but the restored "
@@ -353,6 +364,28 @@ def run(workdir: workdir_lib.Workdir | str, first: dt.date, last: dt.date,
   """
   workdir = workdir if isinstance(workdir, workdir_lib.Workdir) else workdir_lib.Workdir(
       workdir)
+  strategy = job_options.get("strategy")
+  if strategy is None or distribute.num_workers(strategy) == 1:
+    return _run(workdir, first, last, on_start, **job_options)
+  # The chief of several workers: whatever happens outside training, the workers
+  # waiting in Trainer.follow() are let go (a failed training step fails them too).
+  job_options["release"] = released = []
+  try:
+    return _run(workdir, first, last, on_start, **job_options)
+  finally:
+    if not released:
+      try:
+        trainer_lib.Trainer(workdir.root, job_options.get("config"),
+                            strategy=strategy).release_workers()
+      except (ValueError, tf.errors.OpError) as e:
+        logging.error("could not release the workers: %s", e)
+
+
+def _run(workdir: workdir_lib.Workdir, first: dt.date, last: dt.date,
+         on_start: Optional[Callable[[], None]], release: Optional[list] = None,
+         **job_options: Any) -> dict[str, Any]:
+  """`run` in one process, or as the chief (`release` collects that it let the
+  workers go)."""
   settings = job_options.get("settings", JobSettings())
   days, missing = days_to_run(first, last, log_partitions(workdir.logs),
                               settings.skip_missing_days)
@@ -371,6 +404,13 @@ def run(workdir: workdir_lib.Workdir | str, first: dt.date, last: dt.date,
       logging.warning("%s", line)
       job.progress(line)
       job.manifest.mark_all(missing, "skipped", {"reason": reason})
-    for day in days:
-      job.run_day(day)
+    try:
+      for day in days:
+        job.run_day(day)
+    finally:
+      if release is not None:
+        # After a failed training step the workers fail too: nothing to let go.
+        if not job.failed_in_training:
+          job.trainer.release_workers()
+        release.append(not job.failed_in_training)
     return job.manifest.days()
