@@ -70,11 +70,14 @@ def _fill_topic_weights(parsed: dict[str, Any]) -> None:
   topics, weights = parsed["item_topics"], parsed["item_topic_weights"]
   topic_counts, weight_counts = topics.row_lengths(), weights.row_lengths()
   bad = (weight_counts != topic_counts) & (weight_counts > 0)
-  row = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int64)
+  # One padding row keeps the message's ops defined on an empty batch.
+  padded = [tf.concat([values, tf.zeros([1], values.dtype)], 0)
+            for values in (tf.cast(bad, tf.int64), topic_counts, weight_counts)]
+  row = tf.argmax(padded[0], output_type=tf.int64)
   check = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [tf.strings.format(
       TOPIC_WEIGHTS_MISMATCH + ": Example {} of the batch has {} item_topics and {} "
       "item_topic_weights (give one weight per topic, or none for uniform weights)",
-      (row, tf.gather(topic_counts, row), tf.gather(weight_counts, row)))])
+      (row, tf.gather(padded[1], row), tf.gather(padded[2], row)))])
   with tf.control_dependencies([check]):
     fill = tf.where(weight_counts == 0, topic_counts, tf.zeros_like(topic_counts))
   ones = tf.RaggedTensor.from_row_lengths(tf.ones([tf.reduce_sum(fill)], tf.float32),

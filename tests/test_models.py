@@ -183,6 +183,15 @@ def test_parsing_gives_an_example_without_weights_uniform_ones():
                                 [[0.5, 2.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
 
 
+def test_parsing_an_empty_batch_gives_empty_columns():
+  """A batch of no Examples (a replica's empty share, an empty window) parses; the
+  mismatch message's row lookup must not fail on it (it did: ArgMax of nothing)."""
+  parsed = features.parse_examples(tf.constant([], tf.string))
+  assert set(parsed) == set(features.FEATURES)
+  assert all(int(value.shape[0]) == 0 for value in parsed.values())
+  assert parsed["item_topic_weights"].dtype == tf.float32
+
+
 # --- towers -------------------------------------------------------------------
 
 @pytest.fixture(name="model", scope="module")
