@@ -364,53 +364,47 @@ def run(workdir: workdir_lib.Workdir | str, first: dt.date, last: dt.date,
   """
   workdir = workdir if isinstance(workdir, workdir_lib.Workdir) else workdir_lib.Workdir(
       workdir)
-  strategy = job_options.get("strategy")
-  if strategy is None or distribute.num_workers(strategy) == 1:
-    return _run(workdir, first, last, on_start, **job_options)
-  # The chief of several workers: whatever happens outside training, the workers
-  # waiting in Trainer.follow() are let go (a failed training step fails them too).
-  job_options["release"] = released = []
-  try:
-    return _run(workdir, first, last, on_start, **job_options)
-  finally:
-    if not released:
-      try:
-        trainer_lib.Trainer(workdir.root, job_options.get("config"),
-                            strategy=strategy).release_workers()
-      except (ValueError, tf.errors.OpError) as e:
-        logging.error("could not release the workers: %s", e)
-
-
-def _run(workdir: workdir_lib.Workdir, first: dt.date, last: dt.date,
-         on_start: Optional[Callable[[], None]], release: Optional[list] = None,
-         **job_options: Any) -> dict[str, Any]:
-  """`run` in one process, or as the chief (`release` collects that it let the
-  workers go)."""
   settings = job_options.get("settings", JobSettings())
-  days, missing = days_to_run(first, last, log_partitions(workdir.logs),
-                              settings.skip_missing_days)
+  job: Optional[DailyJob] = None
   try:
-    trainer_lib.resolve_config(workdir.root, job_options.get("config"))
-  except ValueError as e:  # a config that W/config.json refuses
-    raise DayFailed(str(e)) from e
-  with workdir_lock.WorkdirLock(workdir.root):
-    if on_start:
-      on_start()
-    job = DailyJob(workdir, **job_options)
-    if missing:
-      reason = f"no log partition under {workdir.logs}"
-      line = (f"skipping {len(missing)} of {len(missing) + len(days)} days "
-              f"({missing[0]} .. {missing[-1]}): {reason}")
-      logging.warning("%s", line)
-      job.progress(line)
-      job.manifest.mark_all(missing, "skipped", {"reason": reason})
+    days, missing = days_to_run(first, last, log_partitions(workdir.logs),
+                                settings.skip_missing_days)
     try:
+      trainer_lib.resolve_config(workdir.root, job_options.get("config"))
+    except ValueError as e:  # a config that W/config.json refuses
+      raise DayFailed(str(e)) from e
+    with workdir_lock.WorkdirLock(workdir.root):
+      if on_start:
+        on_start()
+      job = DailyJob(workdir, **job_options)
+      if missing:
+        reason = f"no log partition under {workdir.logs}"
+        line = (f"skipping {len(missing)} of {len(missing) + len(days)} days "
+                f"({missing[0]} .. {missing[-1]}): {reason}")
+        logging.warning("%s", line)
+        job.progress(line)
+        job.manifest.mark_all(missing, "skipped", {"reason": reason})
       for day in days:
         job.run_day(day)
-    finally:
-      if release is not None:
-        # After a failed training step the workers fail too: nothing to let go.
-        if not job.failed_in_training:
-          job.trainer.release_workers()
-        release.append(not job.failed_in_training)
-    return job.manifest.days()
+      return job.manifest.days()
+  finally:
+    _release_workers(workdir, job, job_options)
+
+
+def _release_workers(workdir: workdir_lib.Workdir, job: Optional[DailyJob],
+                     job_options: dict[str, Any]) -> None:
+  """The chief's end of a run on several workers: whatever happened outside
+  training, the workers waiting in Trainer.follow() are let go (after a failed
+  training step they fail too: nothing to let go). A no-op in one process."""
+  strategy = job_options.get("strategy")
+  if strategy is None or distribute.num_workers(strategy) == 1:
+    return
+  if job is not None:
+    if not job.failed_in_training:
+      job.trainer.release_workers()
+    return
+  try:  # refused before the job started: a trainer only to let the workers go
+    trainer_lib.Trainer(workdir.root, job_options.get("config"),
+                        strategy=strategy).release_workers()
+  except (ValueError, tf.errors.OpError) as e:
+    logging.error("could not release the workers: %s", e)
