@@ -49,7 +49,7 @@ _DEFAULTS = {
 }
 
 
-def _flags(argv: Sequence[str], defaults: dict[str, str]) -> dict[str, str]:
+def parse_flags(argv: Sequence[str], defaults: dict[str, str]) -> dict[str, str]:
   """--name=value arguments over `defaults`; an unknown name is an error."""
   values = dict(defaults)
   for arg in argv:
@@ -59,6 +59,29 @@ def _flags(argv: Sequence[str], defaults: dict[str, str]) -> dict[str, str]:
                        f"{', '.join('--' + n for n in defaults)}")
     values[name] = value
   return values
+
+
+def synthetic_days(values: dict[str, str]) -> str:
+  """OUT/raw-DAYSxEVENTS: the flags' synthetic days (logs and catalog), made once."""
+  days, events = int(values["days"]), int(values["events_per_day"])
+  os.makedirs(values["out"], exist_ok=True)
+  raw = os.path.join(values["out"], f"raw-{days}x{events}")
+  if not os.path.exists(os.path.join(raw, "catalog")):
+    sys.path.insert(0, _REPO)
+    from pipeline import synthetic_world  # pylint: disable=g-import-not-at-top
+    synthetic_world.generate(raw, synthetic_world.WorldConfig(
+        days=days, events_per_day=events, users=int(values["users"]),
+        items=int(values["items"]), new_items_per_day=int(values["new_items_per_day"]),
+        shards=1))
+  return raw
+
+
+def code_trees(values: dict[str, str]) -> dict[str, str]:
+  """{"new": --new_tree, "old": --old_tree if given}, as absolute paths."""
+  trees = {"new": os.path.abspath(values["new_tree"])}
+  if values["old_tree"]:
+    trees["old"] = os.path.abspath(values["old_tree"])
+  return trees
 
 
 def worker(tree: str, raw: str, workdir: str, batch_size: int,
@@ -212,25 +235,15 @@ def table(figures: dict[str, dict[str, Any]], events_per_day: int) -> str:
 
 def main(argv: Sequence[str]) -> None:
   if "--worker=1" in argv:
-    values = _flags([a for a in argv if a != "--worker=1"], {
+    values = parse_flags([a for a in argv if a != "--worker=1"], {
         "tree": "", "raw": "", "workdir": "", "batch_size": "128", "profile_to": ""})
     worker(values["tree"], values["raw"], values["workdir"], int(values["batch_size"]),
            values["profile_to"] or None)
     return
-  values = _flags(argv, _DEFAULTS)
-  out, days, events = values["out"], int(values["days"]), int(values["events_per_day"])
-  os.makedirs(out, exist_ok=True)
-  raw = os.path.join(out, f"raw-{days}x{events}")
-  if not os.path.exists(os.path.join(raw, "catalog")):
-    sys.path.insert(0, _REPO)
-    from pipeline import synthetic_world  # pylint: disable=g-import-not-at-top
-    synthetic_world.generate(raw, synthetic_world.WorldConfig(
-        days=days, events_per_day=events, users=int(values["users"]),
-        items=int(values["items"]), new_items_per_day=int(values["new_items_per_day"]),
-        shards=1))
-  trees = {"new": os.path.abspath(values["new_tree"])}
-  if values["old_tree"]:
-    trees["old"] = os.path.abspath(values["old_tree"])
+  values = parse_flags(argv, _DEFAULTS)
+  out, events = values["out"], int(values["events_per_day"])
+  raw = synthetic_days(values)
+  trees = code_trees(values)
   results = run_trees(trees, raw, out, int(values["batch_size"]), values["profile"] == "1")
   figures = {name: summarize(days_, int(values["window"]))
              for name, days_ in results.items()}

@@ -9,7 +9,7 @@ or in its dead letters, whose records say why (`schema` reasons).
 import datetime as dt
 import functools
 import json
-from typing import Any, Callable, Iterable, Iterator, Mapping, Tuple
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Tuple
 
 import apache_beam as beam
 
@@ -159,6 +159,38 @@ def _line_order(entry: tuple[schema.CatalogItem, str, int]
   return item.item_id, ((io.partition_of(file), file, line), item)
 
 
+# A line's rank and item, as `_line_order` makes them; None before any line.
+_Ranked = Optional[tuple[tuple[str, str, int], schema.CatalogItem]]
+
+
+class _LatestLineFn(beam.CombineFn):
+  """(rank, item) lines of one item -> the item of the highest rank.
+
+  What `beam.combiners.Top.PerKey(1)` then taking its one element computes, in
+  one step and without its heap: a day carries the whole catalog through it.
+  """
+
+  def create_accumulator(self) -> _Ranked:
+    return None
+
+  def add_input(self, best: _Ranked, entry: _Ranked) -> _Ranked:
+    return entry if best is None or entry[0] > best[0] else best
+
+  def merge_accumulators(self, accumulators: Iterable[_Ranked]) -> _Ranked:
+    best = None
+    for entry in accumulators:
+      if entry is not None:
+        best = self.add_input(best, entry)
+    return best
+
+  def extract_output(self, best: _Ranked) -> schema.CatalogItem:
+    return best[1]
+
+  def get_accumulator_coder(self) -> beam.coders.Coder:
+    return beam.coders.NullableCoder(beam.coders.TupleCoder(
+        [beam.coders.FastPrimitivesCoder(), coders.CatalogItemCoder()]))
+
+
 class LatestCatalog(beam.PTransform):
   """(CatalogItem, file, line) -> (item_id, CatalogItem): the corpus.
 
@@ -171,8 +203,7 @@ class LatestCatalog(beam.PTransform):
     return (
         items
         | "ByItemId" >> beam.Map(_line_order)
-        | "Latest" >> beam.combiners.Top.PerKey(1, key=lambda entry: entry[0])
-        | "Item" >> beam.MapTuple(lambda item_id, top: (item_id, top[0][1]))
+        | "Latest" >> beam.CombinePerKey(_LatestLineFn())
         .with_output_types(Tuple[str, schema.CatalogItem]))
 
 

@@ -257,3 +257,38 @@ def test_options_that_keep_their_views_behave_like_beams():
   restored = pickle.loads(pickle.dumps(options))
   assert "_views" not in restored.__dict__  # the views are made again, not carried
   assert restored.view_as(StandardOptions).runner == "SomeRunner"
+
+
+def test_latest_line_fn_merges_partial_results_in_any_order():
+  fn = parse._LatestLineFn()
+  lines = [(("2024-01-02", "c/2024-01-02/a", 3), schema.CatalogItem(item_id="i",
+                                                                    channel_id=str(n)))
+           for n in range(3)]
+  lines[1] = (("2024-01-03", "c/2024-01-03/a", 1), lines[1][1])  # the latest
+  parts = [fn.add_input(fn.create_accumulator(), line) for line in lines]
+  for order in ([0, 1, 2], [2, 1, 0], [1, 0, 2]):
+    merged = fn.merge_accumulators([fn.create_accumulator()] + [parts[i] for i in order])
+    assert fn.extract_output(merged).channel_id == "1"
+  coder = fn.get_accumulator_coder()
+  assert [coder.decode(coder.encode(a)) for a in (None, parts[1])] == [None, parts[1]]
+
+
+class _StatefulFn(beam.DoFn):
+  SEEN = beam.transforms.userstate.BagStateSpec("seen", beam.coders.StrUtf8Coder())
+
+  def process(self, element, seen=beam.DoFn.StateParam(SEEN)):
+    seen.add(element[1])
+    yield element[0], sorted(seen.read())
+
+
+def test_memoized_dofn_specs_are_beams_and_stateful_dofns_still_run():
+  specs = beam.transforms.userstate.get_dofn_specs
+  fn = _StatefulFn()
+  assert specs(fn) == specs.__wrapped__(fn) == ({_StatefulFn.SEEN}, set())
+  assert specs(fn) == specs.__wrapped__(fn)  # kept on the DoFn: the same answer
+  plain = beam.Map(str).dofn
+  assert specs(plain) == specs.__wrapped__(plain) == (set(), set())
+  with _pipeline() as p:
+    seen = (p | beam.Create([("k", "a"), ("k", "b")]) | beam.ParDo(_StatefulFn())
+            | beam.Filter(lambda kv: len(kv[1]) == 2))
+    assert_that(seen, equal_to([("k", ["a", "b"])]))
