@@ -13,7 +13,8 @@ Where the time goes: each tree's export functions are wrapped with timers
 (inclusive seconds; nested ones are counted inside their callers too): reading
 the corpus, embedding, the recall queries, ScaNN tuning (its builds, the exact
 search and the ScaNN searches of the recall check), the servables, saving,
-warm-up and metadata files, loading back and replaying, publishing.
+warm-up and metadata files, verifying (loading back or restoring into the
+SavedModel loaded before, and replaying), publishing.
 
   python bench/export_per_day.py --old_tree=/tmp/OLD --days=20
   python bench/export_per_day.py --old_tree=/tmp/OLD --new_tree=/tmp/NEW --days=20
@@ -44,7 +45,8 @@ _TIMED = (
     ("serving.exporter", "data_range"), ("serving.exporter", "stack_versions"),
     ("serving.servable", "Retriever.save"),
     ("serving.warmup", "write_warmup"), ("serving.versions", "write_metadata"),
-    ("serving.exporter", "_verify"), ("serving.versions", "publish"),
+    ("serving.exporter", "_verify"), ("serving.exporter", "_restored"),
+    ("serving.warmup", "replay"), ("serving.versions", "publish"),
     ("serving.exporter", "build_export"), ("serving.exporter", "write_export"),
 )
 

@@ -73,6 +73,10 @@ _BATCHES = flags.DEFINE_integer("batches", 20, "Batches of the throughput test."
 _RECALL_QUERIES = flags.DEFINE_integer("recall_queries", 1000,
                                        "Held-out queries of the tuning and recall check (in hundreds).")
 _MIN_RECALL = flags.DEFINE_float("min_ann_recall", 0.95, "Recall bar of the tuning.")
+_NARROW = flags.DEFINE_float("ann_narrow_tolerance", 0.001, "The new code's export is "
+                             "also saved narrowed (`scann_narrow`): the leaves searched "
+                             "halved while recall stays within this of the setting that "
+                             "met the bar (index.tune_scann). Negative: not measured.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the figures here.")
 _OUT = flags.DEFINE_string("out_dir", None, "Where to save the SavedModels "
                            "(default: a temporary directory, removed afterwards).")
@@ -87,6 +91,7 @@ _STEP_STATS = flags.DEFINE_string("step_stats", None, "Internal: the child proce
 
 Request = dict[str, tf.Tensor]
 VARIANTS = ("scann", "exact")
+NARROW = "scann_narrow"
 
 
 def strengthen_item_ids(model: TwoTowerModel, seed: int = 0) -> None:
@@ -155,10 +160,19 @@ def requests(seeds: np.ndarray, history: np.ndarray, num: int, size: int,
 
 def interleaved_ms(calls: Mapping[str, Callable[[Any], Any]],
                    inputs: Mapping[str, Sequence[Any]]) -> dict[str, np.ndarray]:
-  """Times request i of every call before request i + 1 of any; results forced."""
+  """Times request i of every call before request i + 1 of any; results forced.
+
+  The calls take turns in a new random order for each request: in a fixed order,
+  the call after the exact export's (which streams its whole corpus through the
+  caches) paid for it (the same ScaNN graph saved by both trees measured 0.67x
+  "old" at 1M, the one after the exact export being the old one).
+  """
   times = {name: [] for name in calls}
+  names = list(calls)
+  rng = np.random.default_rng(0)
   for i in range(min(len(v) for v in inputs.values())):
-    for name, call in calls.items():
+    for name in rng.permutation(names):
+      call = calls[name]
       start = time.perf_counter()
       tf.nest.map_structure(lambda t: t.numpy(), call(inputs[name][i]))
       times[name].append((time.perf_counter() - start) * 1e3)
@@ -178,10 +192,12 @@ def saved_model_mb(path: str) -> float:
 
 def save_variants(model: TwoTowerModel, config: ModelConfig, item_ids: np.ndarray,
                   embeddings: np.ndarray, params: index.ScannParams, layer: Any,
-                  out_dir: str, prefix: str) -> dict[str, str]:
+                  out_dir: str, prefix: str, narrowed: Any = None) -> dict[str, str]:
   """Saves the two variants with this process's `serving` code; their paths.
 
-  Uses only the constructors both the old and the new code have.
+  Uses only the constructors both the old and the new code have. `narrowed`: the
+  index searching fewer leaves (index.tune_scann's narrowing), saved as a third
+  variant, NARROW.
   """
   common = dict(query_tower=model.query_tower, candidate_tower=model.candidate_tower,
                 item_ids=item_ids, item_embeddings=embeddings,
@@ -192,6 +208,10 @@ def save_variants(model: TwoTowerModel, config: ModelConfig, item_ids: np.ndarra
           **common),
       "exact": servable.ExactRetriever(**common),
   }
+  if narrowed is not None:
+    retrievers[NARROW] = servable.ScannRetriever(
+        index=narrowed, num_reordering_candidates=narrowed.params.num_reordering_candidates,
+        **common)
   paths = {}
   for name, retriever in retrievers.items():
     paths[name] = os.path.join(out_dir, f"{prefix}_{name}")
@@ -264,7 +284,9 @@ class World:
     item_ids, embeddings: the corpus.
     make_requests: requests(num, size, seed) like those of the bench.
     held_out: the requests of the tuning and recall check.
-    tuned: index.tune_scann's result.
+    tuned: index.tune_scann's result, without narrowing: the parameters that met
+      the bar (both trees' `scann` export).
+    narrowed: that index narrowed (--ann_narrow_tolerance), or None.
     figures: what the world is (sizes, ScaNN parameters, build seconds).
   """
   model: TwoTowerModel
@@ -275,6 +297,7 @@ class World:
   make_requests: Callable[..., list[Request]]
   held_out: list[Request]
   tuned: index.TunedScann
+  narrowed: Any
   figures: dict[str, Any]
 
 
@@ -300,16 +323,29 @@ def make_world() -> World:
   queries = np.concatenate([tower(r).numpy() for r in held_out])
 
   started = time.perf_counter()
+  narrow = _NARROW.value if _NARROW.value >= 0 else None
   tuned = index.tune_scann(embeddings, queries, k=_K.value,
                            max_fetch=_K.value + config.max_history,
-                           min_recall=_MIN_RECALL.value)
+                           min_recall=_MIN_RECALL.value, narrow_tolerance=narrow)
+  # The setting that met the bar: the first attempt to reach it.
+  met = next(a for a in tuned.attempts if a["recall"]["10"] >= _MIN_RECALL.value)
+  narrowed = tuned.layer if narrow is not None else None
+  tuned = dataclasses.replace(
+      tuned, layer=tuned.layer.with_search(index.ScannParams(**met["params"])),
+      params=index.ScannParams(**met["params"]),
+      recall={int(c): r for c, r in met["recall"].items()})
   figures = {"num_items": num_items, "dim": _DIM.value, "k": _K.value,
              "cpus": os.cpu_count(), "scann_params": dataclasses.asdict(tuned.params),
              "scann_build_s": round(time.perf_counter() - started, 1),
              "tuning_attempts": len(tuned.attempts),
              "tuning_recall_at_10": round(tuned.recall[10], 4)}
+  if narrowed is not None:
+    figures["narrowed_scann_params"] = dataclasses.asdict(narrowed.params)
+    figures["narrowed_tuning_recall_at_10"] = round(next(
+        a["recall"]["10"] for a in tuned.attempts
+        if a["params"] == dataclasses.asdict(narrowed.params)), 4)
   return World(model, config, tower, item_ids, embeddings, make_requests, held_out,
-               tuned, figures)
+               tuned, narrowed, figures)
 
 
 def build(out_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -319,9 +355,8 @@ def build(out_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
                                                 world.embeddings, world.tuned)
   tower, make_requests, held_out, figures = (world.tower, world.make_requests,
                                              world.held_out, world.figures)
-  paths = {f"{name}": path for name, path in save_variants(
-      model, config, item_ids, embeddings, tuned.params, tuned.layer, out_dir,
-      "new").items()}
+  paths = save_variants(model, config, item_ids, embeddings, tuned.params, tuned.layer,
+                        out_dir, "new", narrowed=world.narrowed)
   if _OLD_TREE.value:
     inputs = _save_inputs(model, item_ids, embeddings, tuned.params, out_dir)
     env = {**os.environ, "SERVING_LATENCY_CODE": _old_code_root(_OLD_TREE.value, out_dir)}
@@ -366,11 +401,12 @@ def measure(built: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
   for name, times in batch.items():
     figures[f"{name}_qps"] = round(_BATCH.value * len(times) / (times.sum() / 1e3), 1)
 
-  for prefix in ("", "old_"):
-    if f"{prefix}scann" in calls:
+  pairs = {"": ("scann", "exact"), "old_": ("old_scann", "old_exact"),
+           NARROW + "_": (NARROW, "exact")}
+  for prefix, (approx, exact) in pairs.items():
+    if approx in calls:
       figures[f"{prefix}ann_recall_at_10"] = round(float(np.mean([
-          recall_at_10(calls[f"{prefix}scann"](r), calls[f"{prefix}exact"](r))
-          for r in built["held_out"]])), 4)
+          recall_at_10(calls[approx](r), calls[exact](r)) for r in built["held_out"]])), 4)
   figures["exact_over_scann_p50"] = round(figures["exact_p50_ms"] /
                                           figures["scann_p50_ms"], 1)
   figures["scann_over_exact_qps"] = round(figures["scann_qps"] / figures["exact_qps"], 1)
@@ -379,6 +415,11 @@ def measure(built: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
       for stat in ("p50_ms", "p99_ms", "qps"):
         figures[f"{name}_new_over_old_{stat}"] = round(
             figures[f"{name}_{stat}"] / figures[f"old_{name}_{stat}"], 3)
+  for old in ("scann", "old_scann"):
+    if NARROW in calls and old in calls:
+      for stat in ("p50_ms", "p99_ms", "qps"):
+        figures[f"{NARROW}_over_{old}_{stat}"] = round(
+            figures[f"{NARROW}_{stat}"] / figures[f"{old}_{stat}"], 3)
   return figures
 
 
@@ -427,7 +468,7 @@ def op_times(export_dir: str, runs: int = 200) -> dict[str, Any]:
 def _op_breakdown(paths: Mapping[str, str]) -> dict[str, Any]:
   """op_times of each ScaNN export, each in a child process."""
   found = {}
-  for name in ("scann", "old_scann"):
+  for name in ("scann", "old_scann", NARROW):
     if name in paths:
       out = os.path.join(os.path.dirname(paths[name]), f"{name}_ops.json")
       subprocess.run([sys.executable, os.path.abspath(__file__),
@@ -442,7 +483,7 @@ def report(figures: dict[str, Any]) -> None:
   print(f"\nserving_default over {figures['num_items']:,} x {figures['dim']}, "
         f"k={figures['k']}, {figures['cpus']} CPUs")
   print(f"{'':<28}{'p50 ms':>9}{'p99 ms':>9}{'qps@' + str(_BATCH.value):>11}{'MB':>8}")
-  for name in ("scann", "old_scann", "exact", "old_exact"):
+  for name in ("scann", "old_scann", NARROW, "exact", "old_exact"):
     if f"{name}_p50_ms" in figures:
       print(f"{name + ' SavedModel':<28}{figures[name + '_p50_ms']:>9.3f}"
             f"{figures[name + '_p99_ms']:>9.3f}{figures[name + '_qps']:>11.1f}"
@@ -458,6 +499,14 @@ def report(figures: dict[str, Any]) -> None:
   for name, found in figures.get("op_breakdown", {}).items():
     print(f"{name} serving_default, {found['ops']} ops, median us by part: "
           f"{found['median_us_by_part']}; top: {found['top_ops_us'][:4]}")
+  for old in ("scann", "old_scann"):
+    if f"{NARROW}_over_{old}_p50_ms" in figures:
+      print(f"{NARROW} / {old}: p50 {figures[f'{NARROW}_over_{old}_p50_ms']}, p99 "
+            f"{figures[f'{NARROW}_over_{old}_p99_ms']}, qps "
+            f"{figures[f'{NARROW}_over_{old}_qps']}")
+  if NARROW + "_ann_recall_at_10" in figures:
+    print(f"{NARROW}: ScaNN {figures['narrowed_scann_params']}, ANN recall@10 vs exact "
+          f"{figures[NARROW + '_ann_recall_at_10']:.4f}")
   print(f"ANN recall@10 vs exact: {figures['ann_recall_at_10']:.4f}; exact/ScaNN p50 "
         f"{figures['exact_over_scann_p50']}x; ScaNN/exact qps "
         f"{figures['scann_over_exact_qps']}x")

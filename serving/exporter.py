@@ -18,7 +18,12 @@ servables and their metadata) then `write_export` (stage, warm up, verify,
 publish). A caller exporting day after day (the daily job) keeps one
 `ExportState`: its servables hold the corpus and the ScaNN index in variables
 over the trainer's live towers, so each export assigns that day's corpus and
-saves the same objects again, with no tracing and no Keras objects built. Both variants of one export share the version number, one more than
+saves the same objects again, with no tracing and no Keras objects built: only
+the variables are written, beside the first export's graph (Retriever.save).
+The exact version is then verified in the SavedModel loaded the day before (same
+graph, checked by digest), its variables restored from the files just written,
+instead of loaded again; the ScaNN one is loaded (its searcher is built once per
+load). Both variants of one export share the version number, one more than
 any existing version of either (and at least `min_version`, a high-water mark
 the daily job keeps), and the exact one is published last, so an exact version
 implies its ScaNN twin. A failed export (recall below min_ann_recall, bad
@@ -38,6 +43,7 @@ import collections
 import dataclasses
 import datetime
 import functools
+import hashlib
 import os
 import platform
 import time
@@ -75,11 +81,15 @@ class ExportSettings:
     corpus_glob: corpus files to index (None: W/data/D/corpus-*.tfrecord.gz).
     scann_params: ScaNN parameters to start tuning from (None: the rule of thumb
       for the corpus size, index.scann_params).
+    ann_narrow_tolerance: after the recall bar is met, search fewer leaves while
+      the recall stays within this of that setting's (index.tune_scann); None:
+      keep the setting that met the bar.
   """
   export_k: int = 100
   min_ann_recall: float = 0.95
   corpus_glob: Optional[str] = None
   scann_params: Optional[index.ScannParams] = None
+  ann_narrow_tolerance: Optional[float] = None
 
 
 class Embedder:
@@ -122,29 +132,58 @@ class LoadedExports:
 
   `write_export` puts the versions it just verified here, so the next day's
   evaluation, given the same object, scores them without loading them again.
+  Each loaded object is held under one path: put under a new one (a later
+  version restored into it, `write_export`), it leaves the old one.
   """
 
   def __init__(self, capacity: int = 2):
     self.capacity = capacity
     self._loaded: collections.OrderedDict[str, tf.Module] = collections.OrderedDict()
+    # The digest of the saved_model.pb each object was loaded from, by path, where
+    # known (`put` with a graph).
+    self._graphs: dict[str, str] = {}
 
   @staticmethod
   def _key(export_dir: str) -> str:
     return export_dir if "://" in export_dir else os.path.abspath(export_dir)
 
-  def put(self, export_dir: str, loaded: tf.Module) -> None:
+  def put(self, export_dir: str, loaded: tf.Module, graph: Optional[str] = None) -> None:
+    """Holds `loaded` under `export_dir` (and no other path); `graph`: the digest of
+    the saved_model.pb it runs (`graph_digest`), if known."""
+    self.discard(loaded)
     key = self._key(export_dir)
     self._loaded[key] = loaded
     self._loaded.move_to_end(key)
+    if graph is not None:
+      self._graphs[key] = graph
+    else:
+      self._graphs.pop(key, None)
     while len(self._loaded) > self.capacity:
-      self._loaded.popitem(last=False)
+      old, _ = self._loaded.popitem(last=False)
+      self._graphs.pop(old, None)
+
+  def discard(self, loaded: tf.Module) -> None:
+    """Forgets `loaded` under every path."""
+    for key in [key for key, held in self._loaded.items() if held is loaded]:
+      del self._loaded[key]
+      self._graphs.pop(key, None)
+
+  def running(self, graph: str) -> Optional[tf.Module]:
+    """A held SavedModel loaded from a saved_model.pb of digest `graph`, or None."""
+    for key, digest in self._graphs.items():
+      if digest == graph:
+        return self._loaded[key]
+    return None
 
   def load(self, export_dir: str) -> tf.Module:
     """The SavedModel at `export_dir`: from memory, else tf.saved_model.load."""
-    loaded = self._loaded.get(self._key(export_dir))
+    key = self._key(export_dir)
+    loaded = self._loaded.get(key)
     if loaded is None:
       loaded = tf.saved_model.load(export_dir)
-    self.put(export_dir, loaded)
+      self.put(export_dir, loaded)
+    else:
+      self._loaded.move_to_end(key)
     return loaded
 
 
@@ -306,7 +345,8 @@ def build_export(model: tf.keras.Model, config: ModelConfig, workdir: str,
   k = settings.export_k
   tuned = index.tune_scann(item_embeddings, embedder(model.query_tower, queries), k=k,
                            max_fetch=k + config.max_history,
-                           min_recall=settings.min_ann_recall, params=settings.scann_params)
+                           min_recall=settings.min_ann_recall, params=settings.scann_params,
+                           narrow_tolerance=settings.ann_narrow_tolerance)
   retrievers = _retrievers(model, config, item_ids, item_embeddings, tuned, k,
                            state.retrievers)
   shared = {
@@ -330,14 +370,49 @@ def build_export(model: tf.keras.Model, config: ModelConfig, workdir: str,
   return BuiltExport(retrievers, metadata, requests, started)
 
 
-def _verify(export_dir: str, logs: list[prediction_log_pb2.PredictionLog],
-            k: int) -> tf.Module:
+def graph_digest(export_dir: str) -> str:
+  """The SHA-256 of a SavedModel's saved_model.pb (its graph and signatures)."""
+  with tf.io.gfile.GFile(os.path.join(export_dir, "saved_model.pb"), "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _restored(export_dir: str, loaded: tf.Module) -> tf.Module:
+  """`loaded` with every variable read from `export_dir`'s checkpoint.
+
+  Raises:
+    RuntimeError: the checkpoint is unreadable or misses a variable.
+  """
+  try:
+    tf.train.Checkpoint(root=loaded).read(os.path.join(
+        export_dir, "variables", "variables")).assert_existing_objects_matched()
+  except (tf.errors.OpError, AssertionError, IndexError, ValueError) as e:
+    raise RuntimeError(f"{export_dir}: its variables do not restore into the "
+                       f"SavedModel of the same graph: {e}") from e
+  return loaded
+
+
+def _verify(export_dir: str, logs: list[prediction_log_pb2.PredictionLog], k: int,
+            published: Optional[LoadedExports] = None) -> tuple[tf.Module, str]:
   """Loads the written SavedModel and replays its warm-up requests; raises if wrong.
 
+  With `published` (a retriever whose loaded SavedModels serve a later corpus once
+  its variables are restored, `Retriever.RESTORABLE`), a held SavedModel loaded
+  from the same saved_model.pb (same digest: the same graph, checked when it was
+  loaded) takes the variables written here instead of a new load, which costs
+  10x more (the functions deserialized and instantiated again). It leaves
+  `published` first: if anything fails it is half restored. Either way the
+  files written are what is read and replayed.
+
   Returns:
-    The loaded SavedModel.
+    (the loaded SavedModel, the digest of its saved_model.pb).
   """
-  loaded = tf.saved_model.load(export_dir)
+  graph = graph_digest(export_dir)
+  held = published.running(graph) if published is not None else None
+  if held is not None:
+    published.discard(held)
+    loaded = _restored(export_dir, held)
+  else:
+    loaded = tf.saved_model.load(export_dir)
   for log, out in zip(logs, warmup.replay(loaded, logs)):
     request = log.predict_log.request
     name = request.model_spec.signature_name
@@ -349,16 +424,17 @@ def _verify(export_dir: str, logs: list[prediction_log_pb2.PredictionLog],
     if out["item_ids"].shape != (batch, want) or out["scores"].shape != (batch, want):
       raise RuntimeError(f"{export_dir}: {name} answered {out['item_ids'].shape} for "
                          f"a batch of {batch}, k={want}")
-  return loaded
+  return loaded, graph
 
 
 def _stage(name: str, retriever: servable.Retriever, base: str, version: int,
-           metadata: dict[str, Any], requests: Mapping[str, np.ndarray]
-           ) -> tuple[str, tf.Module]:
-  """Writes one variant into a staging directory beside `base`/`version`, verified.
+           metadata: dict[str, Any], requests: Mapping[str, np.ndarray],
+           published: Optional[LoadedExports]) -> tuple[str, tuple[tf.Module, str]]:
+  """Writes one variant into a staging directory beside `base`/`version`, verified
+  (`_verify`; `published` offers a loaded SavedModel to restore into).
 
   Returns:
-    (the staging directory, the SavedModel loaded back from it).
+    (the staging directory, (the SavedModel loaded back from it, its graph digest)).
   """
   tf.io.gfile.makedirs(base)
   staged = versions.staging_dir(base, version)
@@ -366,7 +442,8 @@ def _stage(name: str, retriever: servable.Retriever, base: str, version: int,
   logs = list(warmup.warmup_logs(name, requests, retriever.max_k))
   warmup.write_warmup(staged, logs)
   versions.write_metadata(staged, metadata)
-  return staged, _verify(staged, logs, retriever.k)
+  return staged, _verify(staged, logs, retriever.k,
+                         published if retriever.RESTORABLE else None)
 
 
 def write_export(built: BuiltExport, workdir: str, min_version: int = 1,
@@ -382,12 +459,12 @@ def write_export(built: BuiltExport, workdir: str, min_version: int = 1,
   version = versions.next_version(*bases.values(), min_version=min_version)
   metadata = {name: {**built.metadata[name], "version": version} for name in MODELS}
   staged = {name: _stage(name, built.retrievers[name], bases[name], version,
-                         metadata[name], built.requests) for name in MODELS}
+                         metadata[name], built.requests, published) for name in MODELS}
   directories = {name: versions.publish(staged[name][0], bases[name], version)
                  for name in MODELS}
   if published is not None:
     for name in MODELS:
-      published.put(directories[name], staged[name][1])
+      published.put(directories[name], *staged[name][1])
   logging.info("published version %d of %s in %.1fs (ANN recall@10 %.4f)", version,
                list(MODELS), time.perf_counter() - built.started,
                metadata[versions.SCANN_MODEL]["ann"]["recall_at_10"])

@@ -73,6 +73,11 @@ class ScannParams:
         num_leaves_to_search=min(self.num_leaves, 2 * self.num_leaves_to_search),
         num_reordering_candidates=min(num_items, 2 * self.num_reordering_candidates))
 
+  def narrowed(self) -> "ScannParams":
+    """Half the leaves searched (at least 1), the reorder kept."""
+    return dataclasses.replace(self,
+                               num_leaves_to_search=max(1, self.num_leaves_to_search // 2))
+
   def is_widest(self, num_items: int) -> bool:
     return (self.num_leaves_to_search >= self.num_leaves and
             self.num_reordering_candidates >= num_items)
@@ -341,12 +346,18 @@ class TunedScann:
 
 def tune_scann(embeddings: np.ndarray, queries: np.ndarray, k: int, max_fetch: int,
                min_recall: float = 0.95,
-               params: Optional[ScannParams] = None) -> TunedScann:
+               params: Optional[ScannParams] = None,
+               narrow_tolerance: Optional[float] = None) -> TunedScann:
   """Builds a ScaNN index whose recall@10 against exact search meets `min_recall`.
 
   Starts from `scann_params` (or `params`), measures recall@10 and recall@k on
   `queries`, and widens the search (`ScannParams.widened`) until the bar is met or
-  the widest setting, at most MAX_RETUNES times.
+  the widest setting, at most MAX_RETUNES times. With `narrow_tolerance`, it then
+  halves the leaves searched (`ScannParams.narrowed`) while recall@10 and recall@k
+  both stay within `narrow_tolerance` of the setting that met the bar (and
+  recall@10 above the bar), at most MAX_RETUNES times: a single query's search
+  scans about that many fewer points (most of a query's cost at 1M items), at the
+  same measured recall.
 
   Args:
     embeddings: float32 [n, d] corpus embeddings.
@@ -355,6 +366,8 @@ def tune_scann(embeddings: np.ndarray, queries: np.ndarray, k: int, max_fetch: i
     max_fetch: the most neighbours one query may ask for.
     min_recall: required recall@10.
     params: starting parameters; default from the corpus size.
+    narrow_tolerance: the recall a narrower search may lose (None: keep the
+      setting that met the bar).
 
   Returns:
     The index and its measured recall ({10: r10, k: rk}).
@@ -373,7 +386,8 @@ def tune_scann(embeddings: np.ndarray, queries: np.ndarray, k: int, max_fetch: i
   exact_scores, _ = exact_top_k_numpy(queries, embeddings, cutoffs[-1])
   attempts = []
   built = build_scann(embeddings, params, k=min(k, num_items))
-  for _ in range(MAX_RETUNES + 1):
+
+  def attempt(params: ScannParams) -> tuple[ScannIndex, dict[int, float]]:
     layer = built.with_search(params)
     rows = scann_rows(layer, queries, cutoffs[-1])
     recall = {c: recall_against_exact(rows, queries, embeddings, exact_scores, c)
@@ -381,11 +395,26 @@ def tune_scann(embeddings: np.ndarray, queries: np.ndarray, k: int, max_fetch: i
     attempts.append({"params": dataclasses.asdict(params),
                      "recall": {str(c): r for c, r in recall.items()}})
     logging.info("ScaNN %s over %d items: recall %s", params, num_items, recall)
-    if recall[cutoffs[0]] >= min_recall:
-      return TunedScann(layer, params, recall, len(queries), tuple(attempts))
-    if params.is_widest(num_items):
+    return layer, recall
+
+  for _ in range(MAX_RETUNES + 1):
+    layer, recall = attempt(params)
+    if recall[cutoffs[0]] >= min_recall or params.is_widest(num_items):
       break
     params = params.widened(num_items)
-  raise ValueError(
-      f"ScaNN recall@{cutoffs[0]} stays below --min_ann_recall={min_recall} on "
-      f"{len(queries)} held-out queries over {num_items} items; attempts: {attempts}")
+  if recall[cutoffs[0]] < min_recall:
+    raise ValueError(
+        f"ScaNN recall@{cutoffs[0]} stays below --min_ann_recall={min_recall} on "
+        f"{len(queries)} held-out queries over {num_items} items; attempts: {attempts}")
+  if narrow_tolerance is not None:
+    floor = {c: r - narrow_tolerance for c, r in recall.items()}
+    for _ in range(MAX_RETUNES):
+      narrower = params.narrowed()
+      if narrower == params:
+        break
+      narrow_layer, narrow_recall = attempt(narrower)
+      if (narrow_recall[cutoffs[0]] < min_recall or
+          any(narrow_recall[c] < floor[c] for c in cutoffs)):
+        break
+      params, layer, recall = narrower, narrow_layer, narrow_recall
+  return TunedScann(layer, params, recall, len(queries), tuple(attempts))

@@ -33,9 +33,11 @@ recent items, as in training.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Mapping, Optional, Sequence
 
 import tensorflow as tf
+from tensorflow.python.saved_model import fingerprinting_utils  # pylint: disable=g-direct-tensorflow-import
 
 from models import features as features_lib
 from serving import dpp
@@ -134,13 +136,23 @@ def build_tower(tower: tf.keras.Model, names: Sequence[str]) -> None:
     tower(features_lib.default_batch(names), training=False)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
+class _SavedGraph:
+  """The graph of a retriever's first SavedModel (saved_model.pb's bytes), and the
+  objects it was written from (their ids, in the order of the object graph)."""
+  graph: bytes
+  objects: tuple[int, ...]
+
+
+@dataclasses.dataclass
 class _Untracked:
-  """Held outside the tracked object graph (see Retriever): the Keras towers and
-  the tf.functions of the signatures, by signature name."""
+  """Held outside the tracked object graph (see Retriever): the Keras towers, the
+  tf.functions of the signatures by signature name, and what `save` reuses."""
   query: tf.keras.Model
   candidate: tf.keras.Model
   functions: dict[str, tf.types.experimental.PolymorphicFunction]
+  saved: Optional[_SavedGraph] = None
+  checkpoint: Optional[tf.train.Checkpoint] = None
 
 
 def _state(*models: tf.keras.layers.Layer) -> list[object]:
@@ -185,6 +197,11 @@ class Retriever(tf.Module):
     k: the number of items `serving_default` returns.
     max_k: the most items one request may ask `retrieve` for (this corpus).
   """
+
+  # Whether a loaded SavedModel of this retriever serves a later corpus once that
+  # corpus's variables are restored into it: serving/exporter.py then verifies a
+  # new version in the SavedModel it loaded before, instead of loading it again.
+  RESTORABLE = True
 
   def __init__(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
                temperature: float, k: int, max_history: int, name: str):
@@ -381,13 +398,49 @@ class Retriever(tf.Module):
     return {name: function.get_concrete_function()
             for name, function in self._keras.functions.items()}
 
+  def _objects(self) -> tuple[int, ...]:
+    """The ids of the objects a SavedModel of this retriever holds."""
+    return tuple(id(obj) for obj in tf.train.TrackableView(self).descendants())
+
   def save(self, export_dir: str) -> None:
-    """Writes the SavedModel (all signatures, the corpus assigned last) to `export_dir`."""
-    tf.saved_model.save(self, export_dir, signatures=self.signatures(),
-                        options=self.save_options())
+    """Writes the SavedModel (all signatures, the corpus assigned last) to `export_dir`.
+
+    The first save is tf.saved_model.save. Later ones write only what changed, the
+    variables (tf.train.Checkpoint of this object: the keys and values save
+    writes), beside the first save's saved_model.pb: the signatures are traced
+    once and the objects are the same, so the graph is too, while saving it again
+    cost 3x the time of writing the variables (it re-traces the signature
+    wrappers and the checkpoint's functions).
+    """
+    saved, objects = self._keras.saved, self._objects()
+    if saved is None or saved.objects != objects:
+      tf.saved_model.save(self, export_dir, signatures=self.signatures(),
+                          options=self.save_options())
+      with tf.io.gfile.GFile(_graph_path(export_dir), "rb") as f:
+        self._keras.saved = _SavedGraph(f.read(), objects)
+      return
+    if self._keras.checkpoint is None:
+      self._keras.checkpoint = tf.train.Checkpoint(root=self)
+    write_saved_model(export_dir, saved.graph, self._keras.checkpoint)
 
   def save_options(self) -> tf.saved_model.SaveOptions:
     return tf.saved_model.SaveOptions()
+
+
+def _graph_path(export_dir: str) -> str:
+  return os.path.join(export_dir, "saved_model.pb")
+
+
+def write_saved_model(export_dir: str, graph: bytes, checkpoint: tf.train.Checkpoint
+                      ) -> None:
+  """Writes a SavedModel from its graph (saved_model.pb's bytes) and the checkpoint
+  of its root object, in tf.saved_model.save's order: variables, then the graph
+  (a complete saved_model.pb marks a complete SavedModel), then its fingerprint."""
+  tf.io.gfile.makedirs(os.path.join(export_dir, "assets"))
+  checkpoint.write(os.path.join(export_dir, "variables", "variables"))
+  with tf.io.gfile.GFile(_graph_path(export_dir), "wb") as f:
+    f.write(graph)
+  fingerprinting_utils.write_fingerprint(export_dir)
 
 
 class ExactRetriever(Retriever):
@@ -435,6 +488,10 @@ class ScannRetriever(Retriever):
   copy of the corpus for the reorder is `item_embeddings` itself (index.ScannVariables).
   """
 
+  # No: a loaded SavedModel builds its searcher on its first search and keeps it
+  # (index.ScannVariables), so restored variables would not reach the search.
+  RESTORABLE = False
+
   def __init__(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
                item_ids: tf.Tensor, item_embeddings: tf.Tensor, temperature: float,
                k: int, max_history: int, index: index_lib.ScannIndex,
@@ -469,3 +526,4 @@ class ScannRetriever(Retriever):
 
   def save_options(self) -> tf.saved_model.SaveOptions:
     return tf.saved_model.SaveOptions(namespace_whitelist=["Scann"])
+

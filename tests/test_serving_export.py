@@ -27,6 +27,7 @@ from models import trainer as trainer_lib
 from models.retrieval import TwoTowerModel
 from serving import corpus
 from serving import exporter
+from serving import servable
 from serving import versions
 from serving import warmup
 import serving_testlib as tl
@@ -612,6 +613,8 @@ def test_consecutive_exports_reuse_the_traced_servables_and_hold_their_own_day(t
 
   first = exporter.export_day(model, config, workdir, tl.DAY, SETTINGS,
                               trained=tl.position(tl.DAY, 0, True), state=state)
+  held = {variant: state.published.load(first[f"{variant}_dir"])
+          for variant in ("scann", "exact")}
   kept = dict(state.retrievers)
   traced = {(model_name, name): function.experimental_get_tracing_count()
             for model_name, retriever in kept.items()
@@ -636,6 +639,22 @@ def test_consecutive_exports_reuse_the_traced_servables_and_hold_their_own_day(t
   for model_name, retriever in kept.items():
     for name, function in retriever.signatures().items():
       assert function is signatures[model_name][name], (model_name, name)
+  # Day 2 wrote only the variables beside day 1's graph (saved_model.pb, byte for
+  # byte), and its exact version took them into day 1's loaded SavedModel, verified
+  # there instead of loaded again; ScaNN's must be loaded (its searcher is built
+  # once per load). The old version's path no longer holds that object.
+  for variant in ("scann", "exact"):
+    graphs = [open(os.path.join(result[f"{variant}_dir"], "saved_model.pb"), "rb").read()
+              for result in (first, second)]
+    assert graphs[0] == graphs[1], variant
+  assert state.published.load(second["exact_dir"]) is held["exact"]
+  assert state.published.load(second["scann_dir"]) is not held["scann"]
+  assert sorted(i.decode() for i in held["exact"].item_ids.numpy()) == sorted(corpora[day2])
+  everything = held["exact"].signatures["retrieve"](
+      **tensors, k=tf.constant(len(corpora[day2])),
+      exclude_item_ids=tf.zeros([2, 0], tf.string))["item_ids"].numpy()
+  assert all(sorted(i.decode() for i in row) == sorted(corpora[day2]) for row in everything)
+  assert state.published.load(first["exact_dir"]) is not held["exact"]
 
   exports = [(result[f"{variant}_dir"], result["metadata"]["max_k"] if variant == "scann"
               else versions.read_metadata(result["exact_dir"])["max_k"], day)
@@ -654,6 +673,40 @@ def test_consecutive_exports_reuse_the_traced_servables_and_hold_their_own_day(t
     assert answers[path]["diverse"] == sorted(corpora[day]), path
     np.testing.assert_allclose(answers[path]["query_embedding"], queries[day],
                                atol=1e-5, err_msg=path)
+
+
+def test_a_damaged_version_restored_into_a_loaded_one_fails_and_is_dropped(
+    tmp_path, monkeypatch):
+  """The exact version restored into the previous day's loaded SavedModel is still
+  verified from its files: a truncated variables file fails the export, nothing is
+  published, and the half-restored SavedModel leaves the caller's cache."""
+  workdir, config = str(tmp_path), tl.tiny_config()
+  day2 = tl.DAY + datetime.timedelta(days=1)
+  for day in (tl.DAY, day2):
+    tl.write_records(os.path.join(tl.day_dir(workdir, day), "corpus-00.tfrecord.gz"),
+                     [tl.corpus_row(i) for i in ITEMS])
+  model, state = TwoTowerModel(config), exporter.ExportState()
+  first = exporter.export_day(model, config, workdir, tl.DAY, SETTINGS,
+                              trained=tl.position(tl.DAY, 0, True), state=state)
+  held = state.published.load(first["exact_dir"])
+  write = servable.write_saved_model
+
+  def damaged(export_dir, graph, checkpoint):
+    write(export_dir, graph, checkpoint)
+    if versions.EXACT_MODEL in export_dir:
+      data = os.path.join(export_dir, "variables", "variables.data-00000-of-00001")
+      os.truncate(data, os.path.getsize(data) // 2)
+  monkeypatch.setattr(servable, "write_saved_model", damaged)
+  with pytest.raises(RuntimeError, match="retrieval_exact.*variables do not restore"):
+    exporter.export_day(model, config, workdir, day2, SETTINGS,
+                        trained=tl.position(day2, 0, True), state=state)
+  bases = [workdir_lib.Workdir(workdir).exports_base(name) for name in exporter.MODELS]
+  assert [versions.list_versions(base) for base in bases] == [[1], [1]]
+  assert state.published.load(first["exact_dir"]) is not held
+  monkeypatch.setattr(servable, "write_saved_model", write)
+  second = exporter.export_day(model, config, workdir, day2, SETTINGS,
+                               trained=tl.position(day2, 0, True), state=state)
+  assert second["version"] == 2
 
 
 def test_dpp_curve_bench_on_a_trained_export(trained, tmp_path):

@@ -79,6 +79,39 @@ def test_tune_scann_widens_a_poor_start_until_the_bar_is_met(monkeypatch):
                                     10) == pytest.approx(tuned.recall[10])
 
 
+def test_tune_scann_narrows_only_while_the_recall_holds():
+  """With narrow_tolerance, the leaves searched are halved while recall stays within
+  the tolerance of the setting that met the bar (and above the bar); the recall
+  reported is the returned layer's."""
+  embeddings = _clustered(4000, 16, seed=0)
+  queries = _clustered(200, 16, seed=1)
+  start = index.ScannParams(num_leaves=32, num_leaves_to_search=16,
+                            num_reordering_candidates=320)
+  kept = index.tune_scann(embeddings, queries, k=20, max_fetch=20, min_recall=0.5,
+                          params=start)
+  assert kept.params == start and len(kept.attempts) == 1
+  # Any loss allowed down to the bar: narrower than the start, at or above the bar.
+  loose = index.tune_scann(embeddings, queries, k=20, max_fetch=20, min_recall=0.5,
+                           params=start, narrow_tolerance=1.0)
+  assert loose.params.num_leaves_to_search < 16
+  assert loose.params.num_reordering_candidates == 320
+  assert loose.recall[10] >= 0.5
+  exact_scores, _ = index.exact_top_k_numpy(queries, embeddings, 10)
+  rows = index.scann_rows(loose.layer, queries, 10)
+  assert index.recall_against_exact(rows, queries, embeddings, exact_scores,
+                                    10) == pytest.approx(loose.recall[10])
+  # No loss allowed: the setting kept recalls as much as the start did (each build
+  # differs a little: compare within one tuning), and the narrowing after it, which
+  # lost some (1 of 32 leaves recalls about 0.5), was refused.
+  strict = index.tune_scann(embeddings, queries, k=20, max_fetch=20, min_recall=0.5,
+                            params=start, narrow_tolerance=0.0)
+  first, refused = strict.attempts[0]["recall"], strict.attempts[-1]
+  assert strict.params.num_leaves_to_search > 1
+  assert strict.recall[10] >= first["10"] and strict.recall[20] >= first["20"]
+  assert refused["params"]["num_leaves_to_search"] < strict.params.num_leaves_to_search
+  assert refused["recall"]["10"] < first["10"] or refused["recall"]["20"] < first["20"]
+
+
 def test_tune_scann_fails_clearly_when_the_bar_is_out_of_reach():
   embeddings = _clustered(500, 8, seed=2)
   with pytest.raises(ValueError, match="min_ann_recall=1.01"):

@@ -180,7 +180,8 @@ def test_retrieve_diverse_in_a_fresh_process_is_the_numpy_oracle(fresh):
 
 def test_serving_latency_bench_runs_at_a_tiny_size(tmp_path):
   """The bench's smallest run (no timing or quality checked: --min_ann_recall=0),
-  comparing this tree with itself as the "old" one, op breakdown included."""
+  comparing this tree with itself as the "old" one, op breakdown and the narrowed
+  ScaNN export included."""
   out = tmp_path / "serving.json"
   result = subprocess.run(
       [sys.executable, os.path.join(REPO, "bench", "serving_latency.py"),
@@ -203,7 +204,12 @@ def test_serving_latency_bench_runs_at_a_tiny_size(tmp_path):
   assert expected <= set(figures)
   assert (figures["num_items"], figures["dim"], figures["k"]) == (500, 16, 10)
   assert 0.0 <= figures["ann_recall_at_10"] <= 1.0
-  for name in ("scann", "old_scann"):
+  # The new code's export narrowed (index.tune_scann): never more leaves searched.
+  assert {f"scann_narrow_{what}" for what in ("saved_model_mb", "qps", "p50_ms",
+                                              "p99_ms", "ann_recall_at_10")} <= set(figures)
+  assert (figures["narrowed_scann_params"]["num_leaves_to_search"] <=
+          figures["scann_params"]["num_leaves_to_search"])
+  for name in ("scann", "old_scann", "scann_narrow"):
     breakdown = figures["op_breakdown"][name]
     assert breakdown["ops"] > 0 and "scann_ops" in breakdown["median_us_by_part"]
 
