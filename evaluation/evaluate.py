@@ -3,14 +3,16 @@
   python -m evaluation.evaluate --workdir=W --date=YYYY-MM-DD \
       [--scann_export=W/exports/retrieval_scann/7 --exact_export=...]
   python -m evaluation.evaluate --workdir=W --date=YYYY-MM-DD --diversity_theta=0.5
+  python -m evaluation.evaluate --workdir=W --date=YYYY-MM-DD --funnel
   python -m evaluation.evaluate --workdir=W --date=YYYY-MM-DD --plot_only
 
 Scores the exports on day D's events and writes W/eval/D/metrics.json and
 recall.png; by default both variants of the newest version labelled with a day
 before D (serving.versions.exports_before). Prints the recall figures as JSON
 (with --diversity_theta, {"recall": ..., "diversity": its headline}: the DPP
-re-ranked lists of retrieve_diverse beside the plain top k; metrics.json holds all
-of it); a day that cannot be evaluated fails with one line and exit status 2. With
+re-ranked lists of retrieve_diverse beside the plain top k; with --funnel, "funnel":
+the exact export's top 100 re-ranked by the newest ranker export made before D;
+metrics.json holds all of it); a day that cannot be evaluated fails with one line and exit status 2. With
 --plot_only it only draws recall.png from the day's metrics.json (a day evaluated
 without its plot).
 """
@@ -28,6 +30,7 @@ from core import app_logging
 from core import cli
 from core import workdir as workdir_lib
 from evaluation import evaluator
+from evaluation import funnel
 from serving import versions
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Working directory (see README: layout).")
@@ -42,6 +45,7 @@ _DIVERSITY_THETA = flags.DEFINE_float("diversity_theta",
 _DIVERSITY_CANDIDATES = flags.DEFINE_integer(
     "diversity_candidates", **evaluator.flag_args("diversity_candidates"))
 _DIVERSITY_K = flags.DEFINE_integer("diversity_k", **evaluator.flag_args("diversity_k"))
+_FUNNEL = flags.DEFINE_bool("funnel", **evaluator.flag_args("funnel"))
 _PLOT_ONLY = flags.DEFINE_bool(
     "plot_only", False, "Score nothing: draw W/eval/D/recall.png from the day's "
     "metrics.json.")
@@ -57,7 +61,8 @@ def main(argv: Sequence[str]) -> None:
     workdir, day = cli.workdir(_WORKDIR.value), cli.parse_day(_DATE.value)
     settings = evaluator.EvaluationSettings(
         diversity_theta=_DIVERSITY_THETA.value,
-        diversity_candidates=_DIVERSITY_CANDIDATES.value, diversity_k=_DIVERSITY_K.value)
+        diversity_candidates=_DIVERSITY_CANDIDATES.value, diversity_k=_DIVERSITY_K.value,
+        funnel=_FUNNEL.value)
     if _PLOT_ONLY.value:
       print(evaluator.plot_day(workdir, day))
       return
@@ -79,9 +84,11 @@ def main(argv: Sequence[str]) -> None:
     logging.exception("the evaluation failed")
     where = app_logging.log_path()
     cli.exit_with_error(f"{e}{f' (log: {where})' if where else ''}")
-  found = evaluator.diversity_summary(metrics)
-  print(json.dumps(metrics["recall"] if found is None
-                   else {"recall": metrics["recall"], "diversity": found}, indent=2))
+  extra = {name: found for name, found in (
+      ("diversity", evaluator.diversity_summary(metrics)),
+      ("funnel", funnel.summary(metrics))) if found is not None}
+  print(json.dumps({"recall": metrics["recall"], **extra} if extra
+                   else metrics["recall"], indent=2))
 
 
 if __name__ == "__main__":

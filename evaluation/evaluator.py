@@ -35,6 +35,12 @@ diverse list is the plain top k (of the exact export exactly; ScaNN's searches
 widen with the neighbours fetched, N here). Without the setting metrics.json is as
 before.
 
+With EvaluationSettings.funnel, metrics.json gains "funnel": the exact export's
+top k of every event (both modes) re-ranked by the newest ranker export
+labelled before D (the teacher, serving/ranker_export.py), with recall@10 and
+NDCG@10 of the funnel beside the retrieval's (evaluation/funnel.py). A day no
+ranker export precedes records why it was skipped.
+
 Targets outside the export's corpus count as misses (fresh items the export does
 not know). `evaluate_day` is `compute_metrics` then `write_metrics`
 (W/eval/D/metrics.json and, unless told not to, W/eval/D/recall.png; `plot_day`
@@ -62,11 +68,13 @@ import tensorflow as tf
 from core import workdir as workdir_lib
 from evaluation import baselines
 from evaluation import diversity
+from evaluation import funnel
 from evaluation import plots
 from evaluation import recall
 from evaluation import records
 from models import features as features_lib
 from serving import exporter
+from serving import ranker_export
 from serving import servable
 from serving import versions
 
@@ -88,11 +96,14 @@ class EvaluationState:
     interactions: the running total of the training interactions (item counts,
       seen items, co-visitation counts, the recent days' counts), also persisted in
       the workdir, so a fresh one resumes from there.
+    rankers: the ranker export loaded last (the funnel's teacher).
   """
   exports: exporter.LoadedExports = dataclasses.field(
       default_factory=exporter.LoadedExports)
   interactions: records.TrainingInteractions = dataclasses.field(
       default_factory=records.TrainingInteractions)
+  rankers: exporter.LoadedExports = dataclasses.field(
+      default_factory=lambda: exporter.LoadedExports(capacity=1))
 
 
 def _setting(default: Any, help_text: str) -> Any:
@@ -114,6 +125,8 @@ class EvaluationSettings:
       max_k are used).
     diversity_k: items per diverse list, and per plain list whose diversity is
       compared (at most N and the largest K scored are used).
+    funnel: also re-rank each event's retrieval list with the newest ranker
+      export made before the day; metrics.json gains "funnel" (module docstring).
   """
   diversity_theta: Optional[float] = _setting(
       None, "Also score each export's retrieve_diverse (DPP re-ranking) at this "
@@ -123,6 +136,10 @@ class EvaluationSettings:
       200, "With --diversity_theta: N, the top N the DPP chooses from.")
   diversity_k: int = _setting(
       10, "With --diversity_theta: items per list compared (recall@k, diversity).")
+  funnel: bool = _setting(
+      False, "Also score the two-stage funnel: each event's top 100 of the exact "
+      "export re-ranked by the newest ranker export made before the day; recall@10 "
+      "and NDCG@10 beside the retrieval's, in metrics.json (default: not).")
 
   def __post_init__(self) -> None:
     theta = self.diversity_theta
@@ -409,8 +426,9 @@ def compute_metrics(workdir: str, day: datetime.date, exports: Mapping[str, str]
                len(events["item_id"]), day)
   scored = _Day.of(events, corpus, training)
   diverse = settings.diversity_theta is not None
-  ranks, plain = _score(loaded, scored, training, k,
-                        min(settings.diversity_k, k) if diverse else 0)
+  # The funnel re-ranks the whole lists; the diversity compares their heads.
+  keep = max(min(settings.diversity_k, k) if diverse else 0, k if settings.funnel else 0)
+  ranks, plain = _score(loaded, scored, training, k, keep)
   metrics = {
       "day": day.isoformat(),
       "num_events": len(scored.targets),
@@ -431,7 +449,22 @@ def compute_metrics(workdir: str, day: datetime.date, exports: Mapping[str, str]
   if diverse:
     metrics["diversity"] = _diversity(workdir, loaded, meta, scored, ranks, plain,
                                       settings, k)
+  if settings.funnel:
+    metrics["funnel"] = _funnel(workdir, day, state, scored, plain, k)
   return metrics
+
+
+def _funnel(workdir: str, day: datetime.date, state: EvaluationState, scored: _Day,
+            lists: Lists, k: int) -> dict[str, Any]:
+  """The "funnel" entry: the exact export's lists `lists` (else ScaNN's) re-ranked
+  by the newest ranker export labelled before `day`, or why there is none."""
+  path = ranker_export.ranker_before(workdir, day)
+  if path is None:
+    return funnel.skipped(day)
+  export = "exact" if "exact" in lists["all"] else "scann"
+  return funnel.funnel_metrics(state.rankers.load(path), path, scored.events,
+                               {mode: scored.rows(mode) for mode in lists},
+                               {mode: lists[mode][export] for mode in lists}, export, k)
 
 
 def write_metrics(workdir: str, day: datetime.date, metrics: Mapping[str, Any],

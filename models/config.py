@@ -32,9 +32,14 @@ OPTIMIZERS = ("adagrad", "adam", "sgd")
 # so an old workdir keeps restoring into the model it trained.
 LEGACY_VALUES: Mapping[str, Any] = {"seed_residual": False}
 
-# Fields that may differ between days of the same workdir.
+# Fields that may differ between days of the same workdir. The distillation
+# fields change the loss from now on but not the model a checkpoint restores
+# into, and a teacher trained in the same daily job is worth distilling from
+# only after some days: distillation may start (or stop) on a running workdir.
 RUNTIME_FIELDS = frozenset({"batch_size", "learning_rate", "checkpoint_every_steps",
-                            "log_every_steps", "shuffle_buffer", "max_checkpoints"})
+                            "log_every_steps", "shuffle_buffer", "max_checkpoints",
+                            "distill_weight", "distill_temperature",
+                            "distill_candidates"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +98,14 @@ class ModelConfig:
       non-overlapping windows of n examples (deterministically, so resumable).
     max_checkpoints: checkpoints kept by the CheckpointManager.
     seed: initialisation seed.
+    distill_weight: w >= 0; w > 0 adds w x the distillation term from a ranking
+      teacher to the loss (models/distill.py); training then needs a teacher.
+      0 (the default, and what a config.json without it means): no distillation.
+    distill_temperature: T > 0 that softens both the teacher's and the student's
+      in-batch softmax in that term (which is scaled by T^2).
+    distill_candidates: K > 0 limits that term to the first K of each step's
+      candidate columns (the teacher then scores B x K pairs, not B x B: a
+      cross-feature teacher costs per pair); 0 keeps every column.
   """
 
   embedding_dim: int = 64
@@ -127,6 +140,9 @@ class ModelConfig:
   shuffle_buffer: int = 0
   max_checkpoints: int = 3
   seed: int = 0
+  distill_weight: float = 0.0
+  distill_temperature: float = 1.0
+  distill_candidates: int = 0
 
   def __post_init__(self):
     # JSON turns tuples into lists; keep the dataclass hashable and comparable.
@@ -157,9 +173,13 @@ class ModelConfig:
                  "max_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("shuffle_buffer", "uniform_negatives"):
+    for name in ("shuffle_buffer", "uniform_negatives", "distill_candidates"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    if not self.distill_weight >= 0:
+      raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+    if not self.distill_temperature > 0:
+      raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
 
   def replace(self, **changes: Any) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
@@ -203,6 +223,11 @@ FLAG_FIELDS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
      {"lower_bound": 1}),
     ("integer", "shuffle_buffer", "Window of the optional in-order shuffle (0: off).",
      {"lower_bound": 0}),
+    ("float", "distill_weight", "Weight of the distillation term from a ranking "
+     "teacher (0: off; > 0 needs a teacher).", {"lower_bound": 0.0}),
+    ("float", "distill_temperature", "Temperature of the distillation term.", {}),
+    ("integer", "distill_candidates", "Candidate columns the teacher scores per step "
+     "(0: all).", {"lower_bound": 0}),
 )
 
 

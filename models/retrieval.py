@@ -30,6 +30,12 @@ p / max(1, max_j p_j) instead: subtracting the same log(max p) from every logit
 of a row leaves its softmax unchanged, and no p exceeds 1 any more, so a count of
 4 gets a logit log 4 below a count of 1. (Only a p below 1e-6 * max p would now
 meet TFRS's lower clip.)
+
+With `distill_weight` w > 0 and a teacher passed to `compute_loss`, the loss adds
+w times the distillation term of models/distill.py over the same rows and
+columns (the uniform negatives included; or the first `distill_candidates`
+columns): a temperature-softened cross-entropy between the teacher's and the
+student's logQ-corrected in-batch softmaxes. It runs on one replica only.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 import estimators
+from models import distill
 from models import distribute
+from models import features as features_lib
 from models import layers
 from models import negatives
 from models.config import ESTIMATOR_FIELDS, ModelConfig
@@ -172,7 +180,8 @@ class TwoTowerModel(tfrs.Model):
     return p / tf.maximum(tf.reduce_max(p), 1.0)
 
   def compute_loss(self, features: Mapping[str, tf.Tensor], training: bool = False,
-                   step: Optional[tf.Tensor] = None) -> tf.Tensor:
+                   step: Optional[tf.Tensor] = None,
+                   teacher: Optional[distill.Teacher] = None) -> tf.Tensor:
     """The corrected, reward-weighted in-batch softmax loss (module docstring).
 
     Args:
@@ -182,17 +191,29 @@ class TwoTowerModel(tfrs.Model):
         negatives if the config has them.
       step: global step for the estimator and the negatives' draw; defaults to
         the optimizer's iterations.
+      teacher: adds `distill_weight` x the distillation term (models/distill.py)
+        when the weight is > 0; not called otherwise.
 
     Returns:
       Scalar loss: this replica's rows' sum divided by the global batch's rows,
       so that the replicas' losses (and gradients) sum to the global batch's.
+
+    Raises:
+      ValueError: distillation under several replicas (distill.REPLICAS_UNSUPPORTED).
     """
     query_embeddings, candidate_embeddings = self(features, training=training)
     item_ids = features["item_id"]
     rows = tf.shape(query_embeddings)[0]
     shared = distribute.GlobalBatch.of(rows)
+    distilling = teacher is not None and self.config.distill_weight > 0
+    # The teacher scores the same columns as the student: the batch's candidates,
+    # then the uniform negatives.
+    columns = ({name: features[name] for name in features_lib.CANDIDATE_FEATURES}
+               if distilling else None)
     if shared is None:
       probability = self.sampling_probability(item_ids, step, training)
+    elif distilling:
+      raise ValueError(distill.REPLICAS_UNSUPPORTED)
     else:
       # Every replica updates its copy of the estimator with the same global ids
       # at the same step (so the copies stay equal), then scores its queries
@@ -211,15 +232,40 @@ class TwoTowerModel(tfrs.Model):
       item_ids = tf.concat([item_ids, drawn["item_id"]], 0)
       if probability is not None:
         probability = tf.concat([probability, drawn_probability], 0)
+      if distilling:
+        columns = distill.concat_rows(columns, drawn)
     # Accidental hits compare ids B x C times: small ints are 4x faster than strings.
     item_index = tf.unique(item_ids).idx
     reward = features.get("reward")
     if reward is None:
       reward = tf.ones_like(query_embeddings[:, 0])
+    probability = self._below_one(probability)
     loss_sum = self.task(
         query_embeddings, candidate_embeddings,
         sample_weight=reward,
-        candidate_sampling_probability=self._below_one(probability),
+        candidate_sampling_probability=probability,
         candidate_ids=item_index,
         compute_metrics=False, compute_batch_metrics=False)
+    if distilling:
+      loss_sum += self.config.distill_weight * self._distillation_sum(
+          features, teacher, query_embeddings, candidate_embeddings, columns,
+          item_index, probability)
     return loss_sum / tf.cast(rows, loss_sum.dtype)
+
+  def _distillation_sum(self, features: Mapping[str, tf.Tensor],
+                        teacher: distill.Teacher, query_embeddings: tf.Tensor,
+                        candidate_embeddings: tf.Tensor,
+                        columns: Mapping[str, tf.Tensor], item_index: tf.Tensor,
+                        probability: Optional[tf.Tensor]) -> tf.Tensor:
+    """The distillation term summed over the rows, on the first
+    `distill_candidates` columns (all of them when 0)."""
+    keep = self.config.distill_candidates or None  # slicing [:None] keeps all
+    queries = {name: features[name] for name in features_lib.QUERY_FEATURES
+               if name in features}
+    return tf.reduce_sum(distill.distillation_loss(
+        self.score(query_embeddings, candidate_embeddings[:keep]),
+        teacher.score_pairs(queries, {name: value[:keep]
+                                      for name, value in columns.items()}),
+        item_index[:tf.shape(query_embeddings)[0]], item_index[:keep],
+        self.config.distill_temperature,
+        None if probability is None else probability[:keep]))

@@ -14,6 +14,11 @@ With TF_CONFIG in the environment, this process is one worker of a
 MultiWorkerMirroredStrategy cluster (models/distribute.py): start the same
 command on every worker; each global batch of --batch_size is split across them,
 and the chief (worker 0, or the "chief" task) writes checkpoints and summaries.
+
+With --distill_weight > 0 the two-tower is distilled (models/distill.py) from the
+workdir's ranking teacher, restored from its latest checkpoint in W/ranker
+(models/ranker_trainer.py; the daily job trains it with --ranker); the teacher
+is not trained here. Distillation runs on one worker only.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from core import app_logging
 from core import cli
 from models import config as config_lib
 from models import distribute
+from models import ranker_trainer
 from models import trainer as trainer_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Working directory (see README: layout).")
@@ -65,7 +71,11 @@ def main(argv: Sequence[str]) -> None:
     cli.exit_with_error(e)
   app_logging.setup(workdir, "train")
   try:
-    trainer = trainer_lib.Trainer(workdir, config, strategy=strategy)
+    teacher = None
+    if trainer_lib.resolve_config(workdir, config).distill_weight > 0:
+      teacher, position = ranker_trainer.load_ranker(workdir)
+      logging.info("distilling from the ranker of %s", position.checkpoint)
+    trainer = trainer_lib.Trainer(workdir, config, strategy=strategy, teacher=teacher)
     day = first
     while day <= last:
       print(json.dumps(trainer.train_day(day)), flush=True)

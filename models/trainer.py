@@ -23,6 +23,10 @@ differs in an architecture field fails with the list of differing fields.
 A NaN or infinite loss stops the day before the optimizer applies that step, and
 no checkpoint is written past the last good one.
 
+With `distill_weight` > 0 every step's loss adds the distillation term from a
+ranking teacher that the caller passes (`Trainer(teacher=...)`, models/distill.py);
+the teacher is not trained or checkpointed here, and it runs on one replica only.
+
 A checkpoint that cannot be restored (a truncated file, say) is named in a
 warning and the previous one the CheckpointManager keeps is restored instead;
 its position in the day is restored with it, so the day resumes from there and
@@ -70,6 +74,7 @@ import tensorflow as tf
 
 from core import workdir as workdir_lib
 from models import data
+from models import distill
 from models import distribute
 from models import features
 from models.config import ModelConfig
@@ -124,19 +129,18 @@ def make_optimizer(config: ModelConfig) -> tf.keras.optimizers.Optimizer:
   return tf.keras.optimizers.SGD(config.learning_rate, jit_compile=False)
 
 
-def _kill_after_step() -> Optional[int]:
-  """N of TOWERSTREAM_KILL_AFTER_STEP (test-only fault injection), or None."""
-  value = os.environ.get(KILL_AFTER_STEP_ENV, "").strip()
+def kill_after_step(env_name: str = KILL_AFTER_STEP_ENV) -> Optional[int]:
+  """N of the `env_name` variable (test-only fault injection), or None."""
+  value = os.environ.get(env_name, "").strip()
   if not value:
     return None
   try:
     return int(value)
   except ValueError:
-    raise ValueError(
-        f"{KILL_AFTER_STEP_ENV}={value!r}: not an integer global step") from None
+    raise ValueError(f"{env_name}={value!r}: not an integer global step") from None
 
 
-def _kill_self() -> None:
+def kill_self() -> None:
   """The injected crash: SIGKILL, so nothing (no finally, no atexit) runs after."""
   os.kill(os.getpid(), signal.SIGKILL)
 
@@ -198,6 +202,27 @@ def restore_checkpoint(objects: Mapping[str, Any], directory: str, partial: bool
     return path
   raise RuntimeError(f"{directory}: none of its {len(paths)} checkpoints can be "
                      "restored: " + "; ".join(failures))
+
+
+def day_start(workdir: str, position: tuple[Optional[datetime.date], int, bool],
+              day: datetime.date, what: str = "") -> tuple[Optional[int], bool]:
+  """Where training `day` starts, from a (last day, examples consumed, complete)
+  position: (examples of `day` to skip, None if it is already trained; whether
+  `day` is a new day, whose per-day state the caller resets).
+
+  Raises:
+    RuntimeError: the last day stopped mid-stream (days are trained in order).
+  """
+  last, consumed, complete = position
+  if last is not None and (last > day or (last == day and complete)):
+    return None, False
+  if last == day:
+    return consumed, False
+  if last is not None and not complete:
+    raise RuntimeError(
+        f"{workdir}: {what}day {last} stopped after {consumed} examples; train it "
+        f"to the end before {day} (days are trained in order)")
+  return 0, True
 
 
 class TrainedPosition(NamedTuple):
@@ -309,14 +334,28 @@ class Trainer:
     model: the TwoTowerModel.
     restored: the checkpoint restored at construction (or at the reload after a
       divergence), None if there was none.
+    teacher: the ranking teacher the model is distilled from (models/distill.py),
+      None when `distill_weight` is 0. Not part of the checkpoint: the caller
+      restores it (and trains it) itself.
   """
 
   def __init__(self, workdir: str, config: Optional[ModelConfig] = None,
-               strategy: Optional[tf.distribute.Strategy] = None):
+               strategy: Optional[tf.distribute.Strategy] = None,
+               teacher: Optional[distill.Teacher] = None):
+    """Raises ValueError: an incompatible config (`resolve_config`), a
+    `distill_weight` > 0 without a teacher or with several replicas."""
     self.workdir = workdir
     self._paths = workdir_lib.Workdir(workdir)
     self.config = resolve_config(workdir, config)
     self.strategy = strategy or tf.distribute.get_strategy()
+    if self.config.distill_weight > 0:
+      if self.strategy.num_replicas_in_sync > 1:
+        raise ValueError(distill.REPLICAS_UNSUPPORTED)
+      if teacher is None:
+        raise ValueError(f"{workdir}: distill_weight = {self.config.distill_weight} "
+                         "needs a ranking teacher to distil from; pass one, or set "
+                         "distill_weight = 0")
+    self.teacher = teacher if self.config.distill_weight > 0 else None
     # Only the chief writes what the job keeps (models/distribute.py).
     self.is_chief = distribute.is_chief(self.strategy)
     self._workers = distribute.num_workers(self.strategy)
@@ -401,7 +440,8 @@ class Trainer:
   def _replica_step(self, batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
     with tf.GradientTape() as tape:
       loss = self.model.compute_loss(batch, training=True,
-                                     step=self.optimizer.iterations + 1)
+                                     step=self.optimizer.iterations + 1,
+                                     teacher=self.teacher)
     variables = self.model.trainable_variables
     gradients = tape.gradient(loss, variables)
     # Several replicas check the global batch's loss: all of them stop, or none.
@@ -569,21 +609,14 @@ class Trainer:
 
   def _start_day(self, day: datetime.date) -> Optional[int]:
     """Moves the state to `day`; returns examples to skip, None if already trained."""
-    last, consumed, complete = self.position()
-    if last is not None and (last > day or (last == day and complete)):
-      return None
-    if last == day:
-      return consumed
-    if last is not None and not complete:
-      raise RuntimeError(
-          f"{self.workdir}: day {last} stopped after {consumed} examples; train it to "
-          f"the end before {day} (days are trained in order)")
-    self._day.assign(day.toordinal())
-    self._day_examples.assign(0)
-    self._day_complete.assign(False)
-    self._day_loss_sum.assign(0.0)
-    self._day_loss_steps.assign(0)
-    return 0
+    skip, new = day_start(self.workdir, self.position(), day)
+    if new:
+      self._day.assign(day.toordinal())
+      self._day_examples.assign(0)
+      self._day_complete.assign(False)
+      self._day_loss_sum.assign(0.0)
+      self._day_loss_steps.assign(0)
+    return skip
 
   def train_day(self, day: datetime.date) -> dict[str, Any]:
     """Trains day D's stream in time order, resuming mid-stream if needed.
@@ -726,7 +759,7 @@ class Trainer:
     started, start_step = time.perf_counter(), self.global_step
     self.model.load_negative_corpus(self.workdir, day)  # D's: every item up to D
     iterator, window = self._stream(day, skip)
-    kill_after = _kill_after_step()
+    kill_after = kill_after_step()
     probe: dict[str, float] = {}
     since = (started, skip, *self._day_loss())
     with self._writer.as_default(), self._errors_as(day, self._window_where(day, window)):
@@ -765,7 +798,7 @@ class Trainer:
         self._save(step)
       if step == kill_after:
         self._writer.flush()
-        _kill_self()
+        kill_self()
       if step % every_log == 0:
         return True
       chunk = min(every_log - step % every_log, every_checkpoint - step % every_checkpoint)

@@ -1,7 +1,9 @@
 r"""The daily job's app: one command runs a day, or catches up a range, end to end.
 
 Each day D runs beam, evaluate, train, export and report in order (test-then-train;
-see pipeline/daily_job.py for what each step does and how a run resumes).
+see pipeline/daily_job.py for what each step does and how a run resumes). With
+--ranker, the ranking teacher also trains and exports after the export (step
+"ranker"), the evaluation scores the two-stage funnel, and a second table shows it.
 
 Every setting of the steps is a flag here too (the model's, the Beam job's, the
 export's); any other argument must be a Beam pipeline option (e.g. --runner),
@@ -22,7 +24,7 @@ trains with the others, which only follow its training steps (Trainer.follow).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -34,6 +36,8 @@ from core import workdir as workdir_lib
 from evaluation import evaluator
 from models import config as config_lib
 from models import distribute
+from models import ranker as ranker_lib
+from models import ranker_trainer
 from models import trainer as trainer_lib
 from pipeline import beam_day
 from pipeline import daily_job
@@ -57,6 +61,14 @@ _SKIP_MISSING = flags.DEFINE_bool(
     "skip_missing_days", _JOB.skip_missing_days,
     "In a range, skip dates without a log partition (recorded in the manifest) "
     "instead of failing.")
+_RANKER = flags.DEFINE_bool(
+    "ranker", _JOB.ranker, "Also train and export the ranking teacher each day (step "
+    "ranker, W/ranker, W/exports/ranker) and score the two-stage funnel (retrieve "
+    "100, re-rank with the teacher) in the evaluation.")
+_RANKER_OVERRIDES = flags.DEFINE_string(
+    "ranker_overrides", None, "With --ranker: JSON object of RankerConfig fields, "
+    "e.g. '{\"negatives\": 8}' (default: W/ranker/config.json, else sized like the "
+    "two-tower).")
 _MAX_DEAD = flags.DEFINE_float(
     "max_dead_letter_rate", _JOB.max_dead_letter_rate,
     "Fail a day whose dead-letter lines exceed this fraction of its input lines.")
@@ -106,6 +118,31 @@ def follow(workdir: workdir_lib.Workdir, config, strategy) -> None:
   print(f"worker {task.index}: trained {len(days)} days with the chief", flush=True)
 
 
+def _ranker_config(workdir: workdir_lib.Workdir, config: Optional[config_lib.ModelConfig],
+                   ranker: bool, text: Optional[str]) -> Optional[ranker_lib.RankerConfig]:
+  """The teacher's config of --ranker_overrides `text` (on W/ranker/config.json's,
+  else the default sized like the two-tower), checked against the saved one; None
+  without overrides.
+
+  Raises:
+    app.UsageError: overrides without --ranker.
+    ValueError: an unknown field, a bad value, or an architecture change.
+  """
+  overrides = cli.json_object(text, "ranker_overrides")
+  if not overrides:
+    return None
+  if not ranker:
+    raise app.UsageError("--ranker_overrides needs --ranker")
+  base = ranker_trainer.resolve_config(
+      workdir.root, None, config or config_lib.saved_config(workdir.root)
+      or config_lib.ModelConfig())
+  try:
+    wanted = ranker_lib.RankerConfig.from_dict({**base.to_dict(), **overrides})
+  except TypeError as e:
+    raise ValueError(f"--ranker_overrides {overrides}: {e}") from e
+  return ranker_trainer.resolve_config(workdir.root, wanted)
+
+
 def main(argv: Sequence[str]) -> None:
   app_logging.quiet_terminal()
   try:
@@ -120,10 +157,13 @@ def main(argv: Sequence[str]) -> None:
     config = config_lib.config_from_overrides(config_lib.saved_config(workdir.root),
                                               overrides)
     beam_day.check_pipeline_args(argv[1:])
+    ranker_config = _ranker_config(workdir, config, _RANKER.value,
+                                   _RANKER_OVERRIDES.value)
     options = dict(
         settings=daily_job.JobSettings(force=_FORCE.value,
                                        max_dead_letter_rate=_MAX_DEAD.value,
-                                       skip_missing_days=_SKIP_MISSING.value),
+                                       skip_missing_days=_SKIP_MISSING.value,
+                                       ranker=_RANKER.value, ranker_config=ranker_config),
         config=config,
         beam=beam_day.BeamSettings(allow_missing_history=_ALLOW_MISSING_HISTORY.value,
                                    max_skew_s=_MAX_SKEW_S.value,
@@ -157,6 +197,8 @@ def main(argv: Sequence[str]) -> None:
     logging.exception("the daily job failed")
     raise
   print(report.table(days))
+  if _RANKER.value:
+    print(daily_job.funnel_table(days))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,14 @@ For each day D, in order (test-then-train):
   4. export:   a new ScaNN and exact export version from the trained model;
   5. report:   D's metrics are appended to eval/summary.json and eval/summary.png.
 
+With JobSettings.ranker (--ranker) a step "ranker" runs between export and report:
+the ranking teacher (models/ranker.py) trains on D's examples, its negatives drawn
+from the retrieval export labelled D, and is exported as W/exports/ranker/<v>
+(serving/ranker_export.py); the evaluation then also scores the two-stage funnel
+(evaluation/funnel.py) with the newest ranker export made before D. Its state lives
+in W/ranker; a kill anywhere in it resumes like the two-tower's training (the
+trainer from its checkpoint, an export labelled D found is reused).
+
 `W/manifest.json` records each completed step, so a re-run of a completed day is a
 no-op (unless --force) and a killed run resumes at the step it was in (the trainer
 itself resumes mid-day from its checkpoint). `W/.lock` keeps a second run out.
@@ -43,7 +51,10 @@ import tensorflow as tf
 
 from core import workdir as workdir_lib
 from evaluation import evaluator
+from evaluation import funnel
 from models import distribute
+from models import ranker as ranker_lib
+from models import ranker_trainer
 from models import trainer as trainer_lib
 from models.config import ModelConfig
 from pipeline import beam_day
@@ -51,9 +62,13 @@ from pipeline import manifest as manifest_lib
 from pipeline import report
 from pipeline import workdir_lock
 from serving import exporter
+from serving import ranker_export
 from serving import versions
 
 STEPS = ("beam", "evaluate", "train", "export", "report")
+RANKER_STEP = "ranker"
+# With JobSettings.ranker: the teacher trains and exports after the two-tower.
+RANKER_STEPS = STEPS[:4] + (RANKER_STEP,) + STEPS[4:]
 
 
 class DayFailed(RuntimeError):
@@ -70,10 +85,16 @@ class JobSettings:
       of its input lines.
     skip_missing_days: in a range, skip dates without a log partition (recorded
       in the manifest) instead of failing.
+    ranker: train and export the ranking teacher each day (step "ranker") and
+      score the two-stage funnel in the evaluation.
+    ranker_config: the teacher's config (None: W/ranker/config.json, else
+      RankerConfig.like the two-tower's).
   """
   force: bool = False
   max_dead_letter_rate: float = 0.05
   skip_missing_days: bool = False
+  ranker: bool = False
+  ranker_config: Optional[ranker_lib.RankerConfig] = None
 
 
 def log_partitions(logs_root: str) -> set[dt.date]:
@@ -106,6 +127,9 @@ class DailyJob:
     self.config = config
     self.beam = beam
     self.evaluate = evaluate or evaluator.EvaluationSettings()
+    if settings.ranker:
+      self.evaluate = dataclasses.replace(self.evaluate, funnel=True)
+    self.steps = RANKER_STEPS if settings.ranker else STEPS
     self.export = export or exporter.ExportSettings()
     self.pipeline_args = list(pipeline_args)
     self.strategy = strategy
@@ -116,14 +140,53 @@ class DailyJob:
     self.evaluation = evaluator.EvaluationState(exports=self.exporting.published)
     self.reporting = report.Report(workdir)
     self._trainer: Optional[trainer_lib.Trainer] = None
+    self._ranker: Optional[ranker_trainer.RankerTrainer] = None
+    self._wanted: Optional[ModelConfig] = None
+    self._undistilled = False  # distill_weight > 0, but no trained ranker yet
+    self.ranker_exporting = ranker_export.RankExportState()
     self.failed_in_training = False
 
   @property
   def trainer(self) -> trainer_lib.Trainer:
-    if self._trainer is None:
-      self._trainer = trainer_lib.Trainer(self.workdir.root, self.config,
-                                          strategy=self.strategy)
+    """The two-tower's trainer. With distill_weight > 0 (and --ranker) it distils
+    from the ranker in memory (models/distill.py), trained through the day before
+    the one being trained (the "ranker" step follows "train"). Until the ranker
+    has trained a day, it trains without distillation (the train record says so);
+    it is then rebuilt, from its end-of-day checkpoint, with the teacher."""
+    if self._trainer is None or (self._undistilled and self._teacher() is not None):
+      config, teacher = self._model_config(), self._teacher()
+      self._undistilled = config.distill_weight > 0 and teacher is None
+      self._trainer = trainer_lib.Trainer(
+          self.workdir.root, config.replace(distill_weight=0.0) if self._undistilled
+          else config, strategy=self.strategy, teacher=teacher)
     return self._trainer
+
+  @property
+  def ranker(self) -> ranker_trainer.RankerTrainer:
+    if self._ranker is None:
+      self._ranker = ranker_trainer.RankerTrainer(
+          self.workdir.root, self.settings.ranker_config, self._model_config())
+    return self._ranker
+
+  def _model_config(self) -> ModelConfig:
+    """The two-tower config this run asks for (W/config.json's when none)."""
+    if self._wanted is None:
+      self._wanted = trainer_lib.resolve_config(self.workdir.root, self.config)
+    return self._wanted
+
+  def _teacher(self) -> Optional[ranker_lib.Ranker]:
+    """The ranker to distil from: None at distill_weight 0, or before the ranker
+    has trained a day.
+
+    Raises:
+      DayFailed: distill_weight > 0 without --ranker.
+    """
+    if self._model_config().distill_weight == 0:
+      return None
+    if not self.settings.ranker:
+      raise DayFailed("distill_weight > 0 distils the two-tower from the ranking "
+                      "teacher that --ranker trains: add --ranker")
+    return self.ranker.model if self.ranker.position()[0] is not None else None
 
   def run_day(self, day: dt.date) -> dict[str, Any]:
     """Runs every step of `day` not yet complete; returns the day's step records."""
@@ -131,14 +194,15 @@ class DailyJob:
       self.manifest.clear(day)
     steps: dict[str, Callable[[dt.date], dict[str, Any]]] = {
         "beam": self._beam, "evaluate": self._evaluate, "train": self._train,
-        "export": self._export, "report": self._report}
-    complete = [step for step in STEPS if self.manifest.done(day, step)]
-    if len(complete) == len(STEPS):
+        "export": self._export, RANKER_STEP: self._rank, "report": self._report}
+    complete = [step for step in self.steps if self.manifest.done(day, step)]
+    if len(complete) == len(self.steps):
       self.progress(f"{day} already complete (--force runs it again)")
     elif complete:
-      self.progress(f"{day} resuming at {STEPS[len(complete)]} "
+      resume = next(step for step in self.steps if not self.manifest.done(day, step))
+      self.progress(f"{day} resuming at {resume} "
                     f"({', '.join(complete)} already complete)")
-    for step in STEPS:
+    for step in self.steps:
       if self.manifest.done(day, step):
         logging.info("%s %-8s already complete", day, step)
         continue
@@ -215,6 +279,9 @@ class DailyJob:
     diversity = evaluator.diversity_summary(metrics)
     if diversity is not None:  # only with --diversity_theta: records stay as they were
       record["diversity"] = diversity
+    found_funnel = funnel.summary(metrics)
+    if found_funnel is not None:  # only with --ranker
+      record["funnel"] = found_funnel
     return record
 
   def _behind(self, day: dt.date) -> list[dt.date]:
@@ -249,6 +316,10 @@ class DailyJob:
       retrained.append({key: stats.get(key) for key in (
           "day", "status", "examples", "examples_this_run", "global_step")})
     record = _jsonable(self.trainer.train_day(day))
+    if self._undistilled:
+      record["distilled_from"] = None  # the ranker had not trained a day yet
+    elif self.trainer.teacher is not None:
+      record["distilled_from"] = _jsonable(self.ranker.trained_position().to_json())
     if retrained:
       record["retrained"] = _jsonable(retrained)
     return record
@@ -278,6 +349,47 @@ class DailyJob:
             "exact_dir": result["exact_dir"],
             "ann_recall_at_10": result["metadata"]["ann"]["recall_at_10"]}
 
+  def _rank(self, day: dt.date) -> dict[str, Any]:
+    """Trains the teacher on D (negatives from the retrieval export labelled D, else
+    the newest before it) and exports it labelled D; reuses an export of D."""
+    found = self._exports_before(day + dt.timedelta(days=1))
+    if found is None:
+      return {"skipped": "no retrieval export to draw the negatives from"}
+    meta = versions.read_metadata(found[1])
+    k = min(self.ranker.config.candidates_k, meta["max_k"])
+    retrieve = ranker_export.export_retriever(self.exporting.published.load(found[1]), k)
+    try:
+      stats = self.ranker.train_day(day, retrieve)
+    except (FileNotFoundError, RuntimeError) as e:
+      raise DayFailed(f"{day}: cannot train the ranker: {e}") from e
+    record: dict[str, Any] = {
+        "negatives_from": found[1],
+        "train": _jsonable({key: stats.get(key) for key in (
+            "status", "examples", "examples_this_run", "global_step", "mean_loss",
+            "negatives_per_example", "seconds")})}
+    existing = ranker_export.ranker_of(self.workdir.root, day)
+    last, _, complete = self.ranker.position()
+    if existing is not None:
+      record["export"] = {"version": _version_of(existing), "dir": existing,
+                          "reused": True}
+    elif (last, complete) != (day, True):
+      record["export"] = {"skipped": f"the ranker has trained through {last}, past "
+                                     f"{day}, and no ranker export of {day} exists"}
+    else:
+      try:
+        record["export"] = ranker_export.export_day(
+            self.ranker.model, self.workdir.root, day, self.ranker.trained_position(),
+            min_version=self._ranker_high_water() + 1, state=self.ranker_exporting)
+      except (NotADirectoryError, ValueError) as e:
+        raise DayFailed(f"{day}: cannot export the ranker: {e}") from e
+    return record
+
+  def _ranker_high_water(self) -> int:
+    """The highest ranker export version the manifest records (0: none)."""
+    found = [((steps.get(RANKER_STEP) or {}).get("export") or {}).get("version")
+             for steps in self.manifest.days().values()]
+    return max((v for v in found if isinstance(v, int)), default=0)
+
   def _report(self, day: dt.date) -> dict[str, Any]:
     return self.reporting.update(self.manifest.days(), day)
 
@@ -296,15 +408,20 @@ def _summary(step: str, record: dict[str, Any]) -> str:
     words = (f"R@10 {figures} (export {record['export_version']} of "
              f"{record['exported_from_day']})")
     if record.get("diversity"):
-      return words + "; " + _diversity_words(record["diversity"])
+      words += "; " + _diversity_words(record["diversity"])
+    if record.get("funnel"):
+      words += "; " + _funnel_words(record["funnel"])
     return words
+  if step == RANKER_STEP:
+    train, export = record["train"], record["export"]
+    words = "teacher " + _trained_words(
+        train, f"{train.get('negatives_per_example') or 0:.1f} negatives per example")
+    if "skipped" in export:
+      return words + f"; export skipped: {export['skipped']}"
+    return (words + f"; version {export['version']}"
+            + (" (reused)" if export.get("reused") else ""))
   if step == "train":
-    loss = record.get("mean_loss")
-    words = (f"{record.get('examples')} examples, "
-             f"{'-' if loss is None else f'{loss:.3f}'} mean loss, "
-             f"global step {record.get('global_step')}")
-    if record.get("status") != "trained":
-      words += f" ({record.get('status')})"
+    words = _trained_words(record, f"global step {record.get('global_step')}")
     if record.get("retrained"):
       words += f"; trained again first: {', '.join(r['day'] for r in record['retrained'])}"
     return words
@@ -312,6 +429,17 @@ def _summary(step: str, record: dict[str, Any]) -> str:
     return (f"version {record['version']}{' (reused)' if record.get('reused') else ''}, "
             f"ANN recall@10 {record['ann_recall_at_10']:.3f}")
   return record.get("summary", "")
+
+
+def _trained_words(record: dict[str, Any], extra: str) -> str:
+  """A training record's examples, mean loss, `extra`, and its status unless
+  "trained"."""
+  loss = record.get("mean_loss")
+  words = (f"{record.get('examples')} examples, "
+           f"{'-' if loss is None else f'{loss:.3f}'} mean loss, {extra}")
+  if record.get("status") != "trained":
+    words += f" ({record.get('status')})"
+  return words
 
 
 def _diversity_words(summary: dict[str, Any]) -> str:
@@ -323,6 +451,43 @@ def _diversity_words(summary: dict[str, Any]) -> str:
   return (f"DPP theta {summary['theta']:g}: R@{summary['k']} {_number(recall['diverse'])} "
           f"(plain {_number(recall['plain'])}), pairwise distance "
           f"{_number(distance['diverse'])} (plain {_number(distance['plain'])})")
+
+
+def _funnel_words(summary: dict[str, Any]) -> str:
+  """The progress line's words for the funnel headline (all events)."""
+  if "skipped" in summary:
+    return f"funnel skipped: {summary['skipped']}"
+  found, k = summary["all"], summary["cutoff"]
+  return (f"funnel R@{k} {_number(found['funnel']['recall'])} NDCG@{k} "
+          f"{_number(found['funnel']['ndcg'])} (retrieval "
+          f"{_number(found['retrieval']['recall'])}, "
+          f"{_number(found['retrieval']['ndcg'])}; ranker {summary['ranker_version']})")
+
+
+def funnel_table(days: dict[str, dict[str, Any]]) -> str:
+  """A per-day text table of the funnel against the retrieval alone (--ranker):
+  recall and NDCG at K = 10 over all events and with seen items excluded, and the
+  teacher's mean training loss of the day."""
+  modes = ("all", "seen_excluded")
+  header = (f"{'day':<11} {'teacher':>7}  "
+            + "  ".join(f"{mode + ' R@10 retr/funnel':<25}" for mode in modes)
+            + "  " + "  ".join(f"{mode + ' NDCG@10 retr/funnel':<28}" for mode in modes))
+  lines = [header, "-" * len(header)]
+  for day, steps in sorted(days.items()):
+    if "beam" not in steps:
+      continue
+    loss = ((steps.get(RANKER_STEP) or {}).get("train") or {}).get("mean_loss")
+    found = (steps.get("evaluate") or {}).get("funnel") or {}
+    cells = []
+    for figure, width in (("recall", 25), ("ndcg", 28)):
+      for mode in modes:
+        by_stage = found.get(mode) or {}
+        pair = [(by_stage.get(stage) or {}).get(figure) for stage in ("retrieval",
+                                                                       "funnel")]
+        cells.append(f"{_number(pair[0]) + ' / ' + _number(pair[1]):<{width}}")
+    lines.append(f"{day:<11} {'-' if loss is None else f'{loss:.3f}':>7}  "
+                 + "  ".join(cells))
+  return "\n".join(lines)
 
 
 def _number(value: Optional[float]) -> str:

@@ -10,6 +10,7 @@ import sys
 from absl import flags
 import pytest
 
+from models import ranker as ranker_lib
 from models.config import ModelConfig
 from models.config import write_config
 from core import cli
@@ -136,3 +137,21 @@ def test_check_beam_args():
                        (["-h"], "use --help")):
     with pytest.raises(flags.Error, match=re.escape(message)):
       cli.check_beam_args(bad)
+
+
+def test_ranker_override_errors_fail_before_anything_is_created(logs_only):
+  """--ranker_overrides: only with --ranker, known fields, the saved architecture."""
+  before = _files(logs_only)
+  proc = _app("pipeline.daily", f"--workdir={logs_only}", "--date=2024-01-01",
+              '--ranker_overrides={"negatives": 2}')
+  _one_line_error(proc, "--ranker_overrides needs --ranker")
+  proc = _app("pipeline.daily", f"--workdir={logs_only}", "--date=2024-01-01",
+              "--ranker", '--ranker_overrides={"negatvies": 2}')
+  _one_line_error(proc, "unknown RankerConfig fields: ['negatvies']")
+  assert _files(logs_only) == before
+  ranker_lib.write_config(logs_only, ranker_lib.RankerConfig(cross_layers=2))
+  before = _files(logs_only)
+  proc = _app("pipeline.daily", f"--workdir={logs_only}", "--date=2024-01-01",
+              "--ranker", '--ranker_overrides={"cross_layers": 3}')
+  _one_line_error(proc, os.path.join("ranker", "config.json"), "cross_layers: 2 != 3")
+  assert _files(logs_only) == before

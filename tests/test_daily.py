@@ -259,6 +259,78 @@ def test_diversity_theta_scores_the_diverse_list_beside_the_plain_one(workdir, t
   assert _manifest(w)[DAYS[1]]["evaluate"]["diversity"]["theta"] == 1
 
 
+RANKER_BATCH = 128
+
+
+def test_ranker_step_killed_mid_day_resumes_and_the_funnel_is_scored(workdir, tmp_path):
+  """--ranker on days 2..3 (forced): the teacher trains after the export and is
+  exported; killed after its step 14 (a checkpoint step of day 3), the next run
+  resumes it mid-day. Day 3's funnel uses day 2's teacher (test-then-train)."""
+  w = _copy(workdir, tmp_path)
+  overrides = f'--ranker_overrides={{"checkpoint_every_steps": 2, "batch_size": {RANKER_BATCH}}}'
+  env = dict(os.environ, TOWERSTREAM_KILL_RANKER_AFTER_STEP="14")
+  killed = _daily(w, f"--start_date={DAYS[1]}", f"--end_date={DAYS[2]}", "--force",
+                  "--ranker", overrides, *TINY, env=env)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  days = _manifest(w)
+  assert "ranker" in days[DAYS[1]] and set(days[DAYS[2]]) == set(STEPS) - {"report"}
+  resumed = _daily(w, f"--date={DAYS[2]}", "--ranker", *TINY)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"{DAYS[2]} resuming at ranker" in resumed.stdout
+  assert re.search(rf"^{DAYS[2]} +[0-9.]+ +[0-9.]+ / [0-9.]+", resumed.stdout,
+                   re.MULTILINE), resumed.stdout  # the funnel table's row
+  days = _manifest(w)
+  trained = [days[d]["ranker"]["train"] for d in DAYS[1:]]
+  assert trained[1]["status"] == "resumed"
+  assert trained[1]["examples_this_run"] == days[DAYS[2]]["beam"]["examples"] - (
+      14 - math.ceil(days[DAYS[1]]["beam"]["examples"] / RANKER_BATCH)) * RANKER_BATCH
+  # No step of the teacher ran twice or was lost.
+  assert trained[1]["global_step"] == sum(
+      math.ceil(days[d]["beam"]["examples"] / RANKER_BATCH) for d in DAYS[1:])
+  assert [days[d]["ranker"]["export"]["version"] for d in DAYS[1:]] == [1, 2]
+  assert sorted(os.listdir(os.path.join(w, "exports", "ranker"))) == ["1", "2"]
+  # Negatives of day D come from the retrieval export labelled D.
+  for d in DAYS[1:]:
+    with open(os.path.join(days[d]["ranker"]["negatives_from"], "assets.extra",
+                           "metadata.json")) as f:
+      assert json.load(f)["day"] == d
+  with open(os.path.join(w, "eval", DAYS[1], "metrics.json")) as f:
+    assert "skipped" in json.load(f)["funnel"]  # no teacher before day 2
+  with open(os.path.join(w, "eval", DAYS[2], "metrics.json")) as f:
+    metrics = json.load(f)
+  found = metrics["funnel"]
+  assert found["ranker"]["exported_from_day"] == DAYS[1] and found["k"] == 100
+  for mode in ("all", "seen_excluded"):
+    # The lists re-ranked are the exact export's: its recall is the retrieval's.
+    assert found[mode]["retrieval"]["recall"]["10"] == metrics["recall"][mode]["exact"]["10"]
+    assert found[mode]["retrieval_recall_at_k"] == metrics["recall"][mode]["exact"]["100"]
+    assert 0 <= found[mode]["funnel"]["recall"]["10"] <= found[mode]["retrieval_recall_at_k"]
+    assert 0 <= found[mode]["funnel"]["ndcg"]["10"] <= found[mode]["funnel"]["recall"]["10"]
+  assert days[DAYS[2]]["evaluate"]["funnel"]["all"]["funnel"]["recall"] == (
+      found["all"]["funnel"]["recall"]["10"])
+
+
+def test_distillation_in_the_daily_job_uses_the_ranker_of_the_day_before(workdir, tmp_path):
+  """--distill_weight needs --ranker; with it, day D's two-tower distils from the
+  teacher the job trained through D-1, and its train record names that teacher."""
+  w = _copy(workdir, tmp_path)
+  refused = _daily(w, f"--date={DAY4}", "--distill_weight=1", *TINY)
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  assert len(refused.stderr.splitlines()) == 1 and "add --ranker" in refused.stderr
+  assert "train" not in _manifest(w)[DAY4]
+  overrides = f'--ranker_overrides={{"batch_size": {RANKER_BATCH}}}'
+  teacher = _daily(w, f"--date={DAYS[2]}", "--force", "--ranker", overrides, *TINY)
+  assert teacher.returncode == 0, teacher.stderr[-3000:]
+  distilled = _daily(w, f"--date={DAY4}", "--ranker", overrides, "--distill_weight=1",
+                     "--distill_candidates=8", *TINY)
+  assert distilled.returncode == 0, distilled.stderr[-3000:]
+  day = _manifest(w)[DAY4]
+  assert day["train"]["status"] == "trained"
+  assert day["train"]["distilled_from"]["day"] == DAYS[2]
+  assert day["train"]["distilled_from"]["complete"] is True
+  assert day["ranker"]["train"]["day"] == DAY4  # the teacher then learns D itself
+
+
 def test_missing_exports_fail_the_day_naming_them(workdir, tmp_path):
   w = _copy(workdir, tmp_path)
   exports = os.path.join(w, "exports")

@@ -372,7 +372,7 @@ def test_kill_after_step_stops_after_exactly_that_step(tmp_path, monkeypatch, ki
   """Steps 3 and 7 are neither log (5) nor checkpoint (4) boundaries; 12 is one."""
   workdir, _ = _kill_worlds(tmp_path)
   trainer = trainer_lib.Trainer(workdir)
-  monkeypatch.setattr(trainer_lib, "_kill_self", _raise_killed)
+  monkeypatch.setattr(trainer_lib, "kill_self", _raise_killed)
   monkeypatch.setenv(trainer_lib.KILL_AFTER_STEP_ENV, str(kill_after))
   with pytest.raises(_Killed):
     trainer.train_day(DAY1)
@@ -451,7 +451,7 @@ def test_checkpoint_from_before_the_day_loss_was_kept_still_restores(tmp_path,
   """Checkpoints without day_loss_sum/day_loss_steps: the resumed part's mean."""
   old, new = _kill_worlds(tmp_path)
   trainer = trainer_lib.Trainer(old)
-  monkeypatch.setattr(trainer_lib, "_kill_self", _raise_killed)
+  monkeypatch.setattr(trainer_lib, "kill_self", _raise_killed)
   monkeypatch.setenv(trainer_lib.KILL_AFTER_STEP_ENV, "12")
   with pytest.raises(_Killed):
     trainer.train_day(DAY1)
