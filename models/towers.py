@@ -69,6 +69,10 @@ class QueryTower(tf.keras.Model):
         tf.keras.layers.Dense(config.embedding_dim, use_bias=False, name="seed_residual",
                               kernel_initializer=residual_init)
         if config.seed_residual else None)
+    self.seed_transition = (
+        layers.HashedEmbedding(config.item_buckets, config.embedding_dim,
+                               seed=config.seed + 102, name="seed_transition")
+        if config.transition_embeddings else None)
     self.mlp = layers.NormalizedMLP(config.query_hidden, config.embedding_dim,
                                     seed=config.seed + 100, name="query_mlp")
 
@@ -103,7 +107,12 @@ class QueryTower(tf.keras.Model):
         self.country_embedding(features["country"]),
         self.time_features(features["timestamp"]),
     ]
-    residual = self.seed_residual(seed) if self.seed_residual is not None else None
+    residuals = []
+    if self.seed_residual is not None:
+      residuals.append(self.seed_residual(seed))
+    if self.seed_transition is not None:
+      residuals.append(self.seed_transition(features["seed_item_id"]))
+    residual = tf.math.add_n(residuals) if residuals else None
     return self.mlp(tf.concat(inputs, axis=-1), residual=residual)
 
 
@@ -127,6 +136,10 @@ class CandidateTower(tf.keras.Model):
     self.topic_mean = layers.WeightedMean(name="topic_mean")
     self.mlp = layers.NormalizedMLP(config.candidate_hidden, config.embedding_dim,
                                     seed=config.seed + 200, name="candidate_mlp")
+    self.item_transition = (
+        layers.HashedEmbedding(config.item_buckets, config.embedding_dim,
+                               seed=config.seed + 202, name="item_transition")
+        if config.transition_embeddings else None)
 
   def call(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
     topics = features["item_topics"]
@@ -138,4 +151,6 @@ class CandidateTower(tf.keras.Model):
         self.topic_mean(self.topic_embedding(topics), weights),
         tf.math.log1p(duration)[:, tf.newaxis],
     ]
-    return self.mlp(tf.concat(inputs, axis=-1))
+    residual = (self.item_transition(features["item_id"])
+                if self.item_transition is not None else None)
+    return self.mlp(tf.concat(inputs, axis=-1), residual=residual)

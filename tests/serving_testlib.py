@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from models import features
 from models import trainer
-from models.config import ModelConfig
+from models.config import ModelConfig, ONE_PASS
 
 DAY = datetime.date(2024, 3, 5)
 
@@ -25,7 +25,7 @@ def tiny_config(**overrides: Any) -> ModelConfig:
                 topic_buckets=64, category_buckets=16, query_hidden=(32,),
                 candidate_hidden=(32,), batch_size=32, optimizer="adam",
                 learning_rate=0.02, correction="none", checkpoint_every_steps=10_000,
-                log_every_steps=10_000, max_history=5)
+                log_every_steps=10_000, max_history=5, **ONE_PASS)
   values.update(overrides)
   return ModelConfig(**values)
 

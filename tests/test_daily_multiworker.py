@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAYS = ("2024-01-01", "2024-01-02")
 TINY = ['--config_overrides={"embedding_dim": 16, "id_embedding_dim": 16, '
         '"item_buckets": 4096, "user_buckets": 2048, "channel_buckets": 512, '
-        '"estimator_buckets": 8192}', "--batch_size=64"]
+        '"estimator_buckets": 8192, "replay_days": 1, "epochs_per_day": 1, '
+        '"uniform_negatives": 0, "transition_embeddings": false}', "--batch_size=64"]
 PORT_ERRORS = ("address already in use", "failed to add port", "could not start grpc")
 TIMEOUT_S = 600
 

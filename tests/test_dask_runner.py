@@ -33,7 +33,8 @@ WORLD = synthetic_world.WorldConfig(start_date=DAYS[0], days=len(DAYS), users=15
                                     bad_line_rate=0.01, seed=5)
 # Small tables: the daily job builds its trainer (for the history length) before beam.
 TINY = config_lib.ModelConfig(embedding_dim=8, id_embedding_dim=8, item_buckets=512,
-                              user_buckets=512, channel_buckets=64, estimator_buckets=512)
+                              user_buckets=512, channel_buckets=64, estimator_buckets=512,
+                              **config_lib.ONE_PASS)
 
 
 def _processes() -> set[int]:

@@ -10,7 +10,7 @@ import tensorflow as tf
 from models import config as config_lib
 from models import features
 from models import layers
-from models.config import ModelConfig
+from models.config import ModelConfig, ONE_PASS
 from models.retrieval import in_batch_recall
 from models.retrieval import make_frequency_estimator
 from models.retrieval import TwoTowerModel
@@ -19,7 +19,7 @@ TINY = ModelConfig(
     embedding_dim=8, id_embedding_dim=8, feature_embedding_dim=4, item_buckets=100,
     user_buckets=50, channel_buckets=20, topic_buckets=20, category_buckets=10,
     query_hidden=(16,), candidate_hidden=(16,), temperature=0.2,
-    estimator_buckets=64, estimator_hashes=2, estimator_alpha=0.5)
+    estimator_buckets=64, estimator_hashes=2, estimator_alpha=0.5, **ONE_PASS)
 
 
 def batch(rows: list[dict]) -> dict[str, tf.Tensor]:

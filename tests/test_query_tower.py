@@ -18,7 +18,7 @@ import tensorflow as tf
 from models import config as config_lib
 from models import features
 from models import layers
-from models.config import ModelConfig
+from models.config import ModelConfig, ONE_PASS
 from models.retrieval import TwoTowerModel
 from serving import servable
 
@@ -27,7 +27,7 @@ CONFIG = ModelConfig(
     user_buckets=50, channel_buckets=20, topic_buckets=20, category_buckets=10,
     query_hidden=(16,), candidate_hidden=(16,), temperature=0.2, max_history=4,
     correction="none", query_encoder="attention", attention_heads=2,
-    seed_residual=True)
+    seed_residual=True, **ONE_PASS)
 
 QUERY_DEFAULTS = {"user_id": "", "seed_item_id": "", "device": "", "country": "",
                   "timestamp": 0, "history_item_ids": []}

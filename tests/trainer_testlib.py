@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from core.workdir import Workdir
 from models import features
-from models.config import ModelConfig
+from models.config import ModelConfig, ONE_PASS
 from models import trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ TINY = ModelConfig(
     user_buckets=200, channel_buckets=50, topic_buckets=50, category_buckets=10,
     query_hidden=(32,), candidate_hidden=(32,), temperature=0.1, batch_size=32,
     learning_rate=0.1, estimator_buckets=256, estimator_hashes=2,
-    checkpoint_every_steps=10, log_every_steps=5, max_history=10)
+    checkpoint_every_steps=10, log_every_steps=5, max_history=10, **ONE_PASS)
 
 
 def world_examples(day: datetime.date, n: int, seed: int) -> list[dict]:

@@ -1,0 +1,105 @@
+"""Tests of the transition embeddings (ModelConfig.transition_embeddings).
+
+The seed's and the candidate's own tables must be plain linear paths into their
+towers' outputs, serve what they train (an export loaded in a fresh process
+gives the in-memory embeddings), and a workdir whose config predates the field
+must keep the towers its checkpoints hold.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import config as config_lib
+from models import features
+from models.config import ModelConfig
+from models.retrieval import TwoTowerModel
+from serving import servable
+import test_query_tower as query_lib
+
+CONFIG = query_lib.CONFIG.replace(transition_embeddings=True)
+
+def _built(config: ModelConfig) -> TwoTowerModel:
+  model = TwoTowerModel(config)
+  model(features.default_batch())
+  return model
+
+
+def _zero_projections(model: TwoTowerModel) -> None:
+  for tower in (model.query_tower, model.candidate_tower):
+    for weight in tower.mlp.projection.weights:
+      weight.assign(tf.zeros_like(weight))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("encoder", ["mean", "attention"])
+def test_transition_tables_are_linear_paths_around_the_mlps(encoder):
+  model = _built(CONFIG.replace(query_encoder=encoder))
+  _zero_projections(model)
+  query, candidate = model.query_tower, model.candidate_tower
+  rows = [{"user_id": "u", "seed_item_id": "s1", "history_item_ids": ["a", "b"]},
+          {"user_id": "v", "seed_item_id": "s2", "device": "tv"}]
+  seeds = tf.constant(["s1", "s2"])
+  want = (query.item_embedding(seeds).numpy() @ query.seed_residual.kernel.numpy()
+          + query.seed_transition(seeds).numpy())
+  np.testing.assert_allclose(query_lib.query(model, rows), _unit(want), atol=1e-6)
+  items = query_lib.parsed([{"item_id": "i1", "item_channel_id": "c"},
+                            {"item_id": "i2", "item_topics": ["t"]}])
+  np.testing.assert_allclose(candidate(items).numpy(),
+                             _unit(candidate.item_transition(items["item_id"]).numpy()),
+                             atol=1e-6)
+  # An absent seed has no transition vector: the residual alone remains.
+  absent = query.seed_transition(tf.constant([""])).numpy()
+  np.testing.assert_array_equal(absent, np.zeros_like(absent))
+
+
+def test_off_means_the_towers_have_no_transition_variables():
+  names = [v.name for v in _built(CONFIG.replace(transition_embeddings=False)).variables]
+  assert not [n for n in names if "transition" in n], names
+  names = [v.name for v in _built(CONFIG).variables]
+  assert len([n for n in names if "transition" in n]) == 2, names
+
+
+def test_the_transition_towers_serve_what_they_train(tmp_path):
+  model = _built(CONFIG)
+  rows = [{"user_id": "u1", "seed_item_id": "i1", "timestamp": 1_700_000_000,
+           "history_item_ids": ["i3", "i2"]},
+          {"user_id": "u2", "history_item_ids": ["i2"]},  # no seed: i2 leads
+          {"user_id": "u3", "seed_item_id": "i9"}]
+  trained = model.query_tower(query_lib.parsed(rows), training=True).numpy()
+  corpus = query_lib.parsed([{"item_id": "i1"}, {"item_id": "i2"}])
+  servable.ExactRetriever(
+      model.query_tower, model.candidate_tower, tf.constant(["i1", "i2"]),
+      model.candidate_tower(corpus), CONFIG.temperature, k=1,
+      max_history=CONFIG.max_history).save(str(tmp_path / "export"))
+  (tmp_path / "requests.json").write_text(json.dumps([query_lib.request(rows)]))
+  subprocess.run([sys.executable, "-c", query_lib._SERVE,  # pylint: disable=protected-access
+                  str(tmp_path / "export"),
+                  str(tmp_path / "requests.json"), str(tmp_path / "out.json")],
+                 check=True, env=dict(os.environ), timeout=600)
+  served = np.array(json.loads((tmp_path / "out.json").read_text())[0])
+  np.testing.assert_allclose(served, trained, atol=1e-5)
+  # Without the seed's table the queries would differ: the path is in the export.
+  model.query_tower.seed_transition.embedding.embeddings.assign(
+      tf.zeros_like(model.query_tower.seed_transition.embedding.embeddings))
+  without = model.query_tower(query_lib.parsed(rows), training=True).numpy()
+  assert np.abs(served - without).max() > 1e-3
+
+
+def test_a_config_saved_before_the_field_keeps_the_old_towers(tmp_path):
+  saved = ModelConfig().to_dict()
+  del saved["transition_embeddings"]
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(saved))
+  assert config_lib.read_config(str(path)).transition_embeddings is False
+  assert ModelConfig().transition_embeddings is True
+  config_lib.write_config(ModelConfig(), str(path))
+  assert config_lib.read_config(str(path)) == ModelConfig()
