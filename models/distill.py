@@ -66,7 +66,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from models import features as features_lib
 
 # The one-line refusal under several replicas (module docstring).
 REPLICAS_UNSUPPORTED = (
@@ -83,25 +82,6 @@ class Teacher(Protocol):
                   candidate_features: Mapping[str, tf.Tensor]) -> tf.Tensor:
     """Raw logits [B, N] of query i (QUERY_FEATURES, [B, ...]) x candidate j
     (CANDIDATE_FEATURES, [N, ...]), in the dense form of models/features.py."""
-
-
-def concat_rows(first: Mapping[str, tf.Tensor], second: Mapping[str, tf.Tensor]
-                ) -> dict[str, tf.Tensor]:
-  """The rows of `second` after those of `first`, feature by feature.
-
-  Multi-valued features ([n, width]) are padded to the wider of the two with the
-  feature's absent value, which the towers and layers read as absent.
-  """
-  out = {}
-  for name, a in first.items():
-    b = second[name]
-    if a.shape.rank == 2:
-      width = tf.maximum(tf.shape(a)[1], tf.shape(b)[1])
-      default = features_lib.FEATURES[name][2]
-      a, b = (tf.pad(x, [[0, 0], [0, width - tf.shape(x)[1]]], constant_values=default)
-              for x in (a, b))
-    out[name] = tf.concat([a, b], 0)
-  return out
 
 
 def distillation_loss(student_logits: tf.Tensor, teacher_logits: tf.Tensor,

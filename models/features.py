@@ -121,6 +121,26 @@ def default_batch(names: Sequence[str] = TRAINING_FEATURES) -> dict[str, tf.Tens
   return parse_examples(tf.constant([to_example({}).SerializeToString()]), names)
 
 
+def concat_padded(first: Mapping[str, tf.Tensor], second: Mapping[str, tf.Tensor],
+                  axis: int) -> dict[str, tf.Tensor]:
+  """`second` after `first` along `axis`, feature by feature (first's names).
+
+  Multi-valued features (their values on the last axis) are padded to the wider
+  of the two with the feature's absent value, which the towers read as absent:
+  rows of a batch ([n, width], axis 0) or candidate lists ([b, m, width], axis 1).
+  """
+  out = {}
+  for name, a in first.items():
+    b = second[name]
+    _, multi, absent = FEATURES[name]
+    if multi:
+      width = tf.maximum(tf.shape(a)[-1], tf.shape(b)[-1])
+      a, b = (tf.pad(x, [[0, 0]] * (x.shape.rank - 1) + [[0, width - tf.shape(x)[-1]]],
+                     constant_values=absent) for x in (a, b))
+    out[name] = tf.concat([a, b], axis)
+  return out
+
+
 def query_input_signature() -> dict[str, tf.TensorSpec]:
   """The serving inputs of a query: raw values, batched; history is [batch, width]."""
   return {

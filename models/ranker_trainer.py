@@ -108,22 +108,6 @@ def load_ranker(workdir: str) -> tuple[ranker_lib.Ranker, trainer_lib.TrainedPos
       bool(state["day_complete"].numpy()), int(step), restored)
 
 
-def _concat_lists(first: Mapping[str, tf.Tensor], second: Mapping[str, tf.Tensor]
-                  ) -> dict[str, tf.Tensor]:
-  """Candidate lists [b, M1, ...] and [b, M2, ...] side by side: [b, M1 + M2, ...]
-  (multi-valued features padded to the wider with their absent value)."""
-  out = {}
-  for name in features_lib.CANDIDATE_FEATURES:
-    a, b = first[name], second[name]
-    if a.shape.rank == 3:
-      width = tf.maximum(tf.shape(a)[2], tf.shape(b)[2])
-      absent = features_lib.FEATURES[name][2]
-      a, b = (tf.pad(v, [[0, 0], [0, 0], [0, width - tf.shape(v)[2]]],
-                     constant_values=absent) for v in (a, b))
-    out[name] = tf.concat([a, b], axis=1)
-  return out
-
-
 def _step_signature() -> list[Any]:
   """The training step's inputs: query features [b], candidate lists [b, M] (their
   multi-valued features [b, M, T]), labels and weights [b, M]."""
@@ -246,7 +230,7 @@ class RankerTrainer:
     present = tf.gather(valid, picked, batch_dims=1)
     ids = tf.where(present, tf.gather(retrieved, picked, batch_dims=1), "")
     own = {name: batch[name][:, tf.newaxis] for name in features_lib.CANDIDATE_FEATURES}
-    candidates = _concat_lists(own, self.table.lookup(ids))
+    candidates = features_lib.concat_padded(own, self.table.lookup(ids), axis=1)
     reward = tf.clip_by_value(tf.cast(batch["reward"], tf.float32), 0.0, 1.0)
     labels = tf.concat([reward[:, tf.newaxis], tf.zeros(tf.shape(ids))], axis=1)
     weights = tf.concat([tf.ones_like(reward)[:, tf.newaxis], tf.cast(present,

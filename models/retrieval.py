@@ -233,7 +233,7 @@ class TwoTowerModel(tfrs.Model):
       if probability is not None:
         probability = tf.concat([probability, drawn_probability], 0)
       if distilling:
-        columns = distill.concat_rows(columns, drawn)
+        columns = features_lib.concat_padded(columns, drawn, axis=0)
     # Accidental hits compare ids B x C times: small ints are 4x faster than strings.
     item_index = tf.unique(item_ids).idx
     reward = features.get("reward")

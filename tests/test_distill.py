@@ -253,7 +253,7 @@ def test_candidate_columns_concatenate_rows_of_any_width():
            "item_topic_weights": tf.constant([[1.0], [2.0]])}
   second = {"item_id": tf.constant(["c"]), "item_topics": tf.constant([["z", "w"]]),
             "item_topic_weights": tf.constant([[3.0, 4.0]])}
-  out = distill.concat_rows(first, second)
+  out = features.concat_padded(first, second, axis=0)
   assert out["item_id"].numpy().tolist() == [b"a", b"b", b"c"]
   assert out["item_topics"].numpy().tolist() == [[b"x", b""], [b"y", b""], [b"z", b"w"]]
   np.testing.assert_array_equal(out["item_topic_weights"], [[1, 0], [2, 0], [3, 4]])
