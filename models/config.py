@@ -79,6 +79,11 @@ class ModelConfig:
       the shared id_embedding_dim-wide id embedding. On by default, with
       replay_days = 4, epochs_per_day = 2 and uniform_negatives = 256: together
       they won every validation figure on both datasets (README, issue 13).
+    transition_reverse_weight: w > 0 (needs transition_embeddings) adds w x an
+      in-batch softmax over the transition tables alone, with each example's pair
+      reversed: its item as the seed, its seed as the target
+      (models/transition.py). A seed -> next table then also learns next -> seed,
+      which co-visitation counts both ways.
     temperature: softmax temperature; scores are <u, v> / temperature.
     max_history: history items kept per example (most recent first); the Beam job
       keeps as many per user (default models.features.MAX_HISTORY).
@@ -88,6 +93,11 @@ class ModelConfig:
       order, so that small days give the model more than a handful of steps.
       Day D is still scored before it is trained on (test-then-train).
     epochs_per_day: passes over that window when training day D.
+    replay_old_days: K > 0 streams, before that window, K data days drawn at
+      random (seeded by D and `seed`, so a resumed day draws the same ones) from
+      all those older than the window, oldest first: a long memory, so that what
+      co-visitation counts over the whole log (pairs seen months ago) is seen
+      again at bounded cost per day. Still only days before D.
     optimizer, learning_rate: the optimizer ("adagrad", "adam" or "sgd").
     correction: logQ correction: an estimator of estimators.ESTIMATORS
       ("streaming", the paper's; "exact", the oracle frequency count;
@@ -138,11 +148,13 @@ class ModelConfig:
   history_positions: bool = True
   seed_residual: bool = True
   transition_embeddings: bool = True
+  transition_reverse_weight: float = 0.0
   temperature: float = 0.05
   max_history: int = MAX_HISTORY
   batch_size: int = 1024
   replay_days: int = 4
   epochs_per_day: int = 2
+  replay_old_days: int = 0
   optimizer: str = "adagrad"
   learning_rate: float = 0.1
   correction: str = "streaming"
@@ -189,11 +201,17 @@ class ModelConfig:
                  "max_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("shuffle_buffer", "uniform_negatives", "distill_candidates"):
+    for name in ("shuffle_buffer", "uniform_negatives", "distill_candidates",
+                 "replay_old_days"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     if not self.distill_weight >= 0:
       raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+    if not self.transition_reverse_weight >= 0:
+      raise ValueError("transition_reverse_weight must be >= 0, got "
+                       f"{self.transition_reverse_weight}")
+    if self.transition_reverse_weight and not self.transition_embeddings:
+      raise ValueError("transition_reverse_weight > 0 needs transition_embeddings")
     if not self.distill_temperature > 0:
       raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
 

@@ -3,7 +3,9 @@
 The Beam job writes W/data/D/examples-*.tfrecord.gz so that file-name order then
 record order is time order. Training day D reads a stream: the examples of the
 last `replay_days` data days up to and including D (`replay_window`, D last),
-in time order, repeated `epochs` times (ModelConfig.replay_days, epochs_per_day).
+in time order, after `replay_old_days` older days drawn at random
+(`old_replay_days`), repeated `epochs` times (ModelConfig.replay_days,
+replay_old_days, epochs_per_day).
 `stream_batches` is a pure function of those files and its arguments, so "skip
 the first n examples of the stream" resumes it exactly where a checkpoint left
 it, mid-epoch or mid-day, with or without the optional window shuffle.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import random
 import re
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -80,6 +83,23 @@ def replay_window(workdir: str, day: datetime.date, replay_days: int
       if earlier < day and tf.io.gfile.isdir(paths.data_dir(earlier)):
         window.insert(0, earlier)
   return window
+
+
+def old_replay_days(workdir: str, day: datetime.date, window: Sequence[datetime.date],
+                    count: int, seed: int) -> list[datetime.date]:
+  """`count` data days drawn at random from those older than `window`, oldest first.
+
+  The long-memory part of day D's stream (ModelConfig.replay_old_days): a draw
+  without replacement, seeded by (seed, D), from the data days before the
+  window's first, so resuming D draws the same days and no day after D enters.
+  Fewer when fewer exist.
+  """
+  if count < 1 or not window:
+    return []
+  paths = workdir_lib.Workdir(workdir)
+  older = [d for d in workdir_lib.partition_dates(paths.data_root) if d < window[0]]
+  drawn = random.Random(day_seed(seed, day)).sample(older, min(count, len(older)))
+  return sorted(drawn)
 
 
 def day_seed(seed: int, day: datetime.date) -> int:

@@ -36,6 +36,9 @@ w times the distillation term of models/distill.py over the same rows and
 columns (the uniform negatives included; or the first `distill_candidates`
 columns): a temperature-softened cross-entropy between the teacher's and the
 student's logQ-corrected in-batch softmaxes. It runs on one replica only.
+
+With `transition_reverse_weight` w > 0 the loss adds w times the reversed-pair
+term of models/transition.py on the transition tables (one replica only).
 """
 
 from __future__ import annotations
@@ -52,8 +55,14 @@ from models import distribute
 from models import features as features_lib
 from models import layers
 from models import negatives
+from models import transition
 from models.config import ESTIMATOR_FIELDS, ModelConfig
 from models.towers import CandidateTower, QueryTower
+
+
+REVERSE_REPLICAS_UNSUPPORTED = (
+    "transition_reverse_weight > 0 trains on one replica only: the reversed pairs' "
+    "softmax would need the seeds of the whole global batch")
 
 
 def make_frequency_estimator(config: ModelConfig) -> Optional[tf.keras.layers.Layer]:
@@ -246,11 +255,27 @@ class TwoTowerModel(tfrs.Model):
         candidate_sampling_probability=probability,
         candidate_ids=item_index,
         compute_metrics=False, compute_batch_metrics=False)
+    if self.config.transition_reverse_weight > 0:
+      if shared is not None:
+        raise ValueError(REVERSE_REPLICAS_UNSUPPORTED)
+      loss_sum += self.config.transition_reverse_weight * self._reverse_transition_sum(
+          features, reward)
     if distilling:
       loss_sum += self.config.distill_weight * self._distillation_sum(
           features, teacher, query_embeddings, candidate_embeddings, columns,
           item_index, probability)
     return loss_sum / tf.cast(rows, loss_sum.dtype)
+
+  def _reverse_transition_sum(self, features: Mapping[str, tf.Tensor],
+                              reward: tf.Tensor) -> tf.Tensor:
+    """The reversed-pair term of models/transition.py, summed over the rows."""
+    seed_ids = features["seed_item_id"]
+    probability = (None if self.estimator is None
+                   else self._below_one(self.estimator.estimate(seed_ids)))
+    return transition.reverse_transition_loss(
+        self.query_tower.seed_transition(features["item_id"]),
+        self.candidate_tower.item_transition(seed_ids), seed_ids,
+        self.config.temperature, reward, probability)
 
   def _distillation_sum(self, features: Mapping[str, tf.Tensor],
                         teacher: distill.Teacher, query_embeddings: tf.Tensor,

@@ -621,9 +621,9 @@ class Trainer:
   def train_day(self, day: datetime.date) -> dict[str, Any]:
     """Trains day D's stream in time order, resuming mid-stream if needed.
 
-    The stream is the last `replay_days` data days up to and including D (D
-    last), `epochs_per_day` times (models/data.py); with the defaults, one pass
-    over W/data/D. Every batch is a global step.
+    The stream is `replay_old_days` older data days drawn at random, then the
+    last `replay_days` data days up to and including D (D last), all
+    `epochs_per_day` times (models/data.py). Every batch is a global step.
 
     Returns:
       Stats: day, status ("trained", "resumed" or "already_trained"), examples
@@ -729,6 +729,8 @@ class Trainer:
     the replay window it streams."""
     config = self.config
     window = data.replay_window(self.workdir, day, config.replay_days)
+    window = data.old_replay_days(self.workdir, day, window, config.replay_old_days,
+                                  config.seed) + window
     days = [data.day_files(self.workdir, d, config.seed) for d in window]
 
     def batches(share: Optional[data.ReplicaShare] = None) -> tf.data.Dataset:

@@ -247,3 +247,40 @@ def test_daily_job_scores_each_day_before_replay_trains_on_it(tmp_path):
     assert trained["day"] == "2024-01-01" and trained["complete"]
     assert trained["global_step"] == day1["train"]["global_step"]
     assert trained["examples"] == day1["train"]["examples"]
+
+
+def test_old_replay_days_are_a_seeded_draw_from_before_the_window(tmp_path):
+  """replay_old_days: K days older than the window, the same draw for the same
+  (seed, day), oldest first; never the window's days nor a day after D."""
+  workdir = str(tmp_path)
+  days = [datetime.date(2024, 1, 1) + datetime.timedelta(days=7 * i) for i in range(10)]
+  for i, day in enumerate(days):
+    write_day(workdir, day, world_examples(day, 3, seed=i))
+  d = days[7]
+  window = data.replay_window(workdir, d, 2)
+  assert window == days[6:8]
+  draws = [data.old_replay_days(workdir, d, window, 3, seed) for seed in range(8)]
+  for drawn in draws:
+    assert len(drawn) == 3 and drawn == sorted(drawn) and set(drawn) <= set(days[:6])
+  assert draws[0] == data.old_replay_days(workdir, d, window, 3, 0)  # resumable
+  assert len({tuple(x) for x in draws}) > 1  # the draw depends on the seed
+  assert data.old_replay_days(workdir, d, window, 50, 0) == days[:6]  # all there are
+  assert data.old_replay_days(workdir, d, window, 0, 0) == []
+  assert data.old_replay_days(workdir, days[1], [days[1]], 4, 0) == days[:1]
+
+
+def test_train_day_streams_old_days_first_then_the_window(tmp_path):
+  """The stream of D2 with replay_old_days = 1 and replay_days = 1 is D1 then D2;
+  the poisoned D3, after D2, is never read."""
+  workdir = str(tmp_path)
+  first, second = _three_days(workdir)
+  trainer = trainer_lib.Trainer(workdir, REPLAY.replace(replay_days=1, replay_old_days=1))
+  table = trainer.model.candidate_tower.item_embedding
+  poison_row = int(table.bucket(tf.constant(POISON)))
+  before = table.embedding.embeddings.numpy()[poison_row]
+
+  stats = trainer.train_day(D2)
+
+  assert stats["window_days"] == ["2024-03-01", "2024-03-02"]
+  assert stats["window_examples"] == len(first) + len(second)
+  np.testing.assert_array_equal(table.embedding.embeddings.numpy()[poison_row], before)

@@ -1,4 +1,5 @@
-"""Tests of the transition embeddings (ModelConfig.transition_embeddings).
+"""Tests of the transition embeddings (ModelConfig.transition_embeddings) and of
+their reversed-pair loss (transition_reverse_weight, models/transition.py).
 
 The seed's and the candidate's own tables must be plain linear paths into their
 towers' outputs, serve what they train (an export loaded in a fresh process
@@ -18,6 +19,7 @@ import tensorflow as tf
 from models import config as config_lib
 from models import features
 from models.config import ModelConfig
+from models import transition
 from models.retrieval import TwoTowerModel
 from serving import servable
 import test_query_tower as query_lib
@@ -103,3 +105,72 @@ def test_a_config_saved_before_the_field_keeps_the_old_towers(tmp_path):
   assert ModelConfig().transition_embeddings is True
   config_lib.write_config(ModelConfig(), str(path))
   assert config_lib.read_config(str(path)) == ModelConfig()
+
+
+SEEDS = [b"x", b"y", b"", b"x", b"z"]  # row 2 has no seed; rows 0 and 3 share one
+
+
+def _reverse_by_hand(rows: np.ndarray, columns: np.ndarray, seeds: list[bytes],
+                     temperature: float, reward: np.ndarray, p=None,
+                     mask_hits: bool = True, mask_absent: bool = True) -> float:
+  with np.errstate(invalid="ignore"):  # an absent seed's all-zero row, masked below
+    logits = _unit(rows) @ _unit(columns).T / temperature
+  if p is not None:
+    logits = logits - np.log(p)[None, :]
+  total = 0.0
+  for i, seed in enumerate(seeds):
+    if not seed:
+      continue
+    keep = [j for j, other in enumerate(seeds)
+            if j == i or not ((mask_hits and other == seed)
+                              or (mask_absent and not other))]
+    row = logits[i, keep]
+    total -= reward[i] * (logits[i, i] - np.log(np.exp(row).sum()))
+  return total
+
+
+def test_reverse_term_matches_a_hand_computation():
+  rng = np.random.default_rng(3)
+  rows, columns = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+  reward = np.array([1.0, 0.5, 1.0, 2.0, 1.0])
+  p = np.array([0.1, 0.2, 0.3, 0.1, 0.5])
+  for probability in (None, p):
+    got = float(transition.reverse_transition_loss(
+        tf.constant(rows, tf.float32), tf.constant(columns, tf.float32),
+        tf.constant(SEEDS), 0.2, tf.constant(reward, tf.float32),
+        None if probability is None else tf.constant(probability, tf.float32)))
+    want = _reverse_by_hand(rows, columns, SEEDS, 0.2, reward, probability)
+    assert got == pytest.approx(want, rel=1e-5)
+    # The check can fail: each masking, and the correction, changes the value.
+    for wrong in (_reverse_by_hand(rows, columns, SEEDS, 0.2, reward, probability,
+                                   mask_hits=False),
+                  _reverse_by_hand(rows, columns, SEEDS, 0.2, reward, probability,
+                                   mask_absent=False),
+                  _reverse_by_hand(rows, columns, SEEDS, 0.2, reward,
+                                   None if probability is not None else p)):
+      assert abs(wrong - want) > 1e-3
+
+
+def test_the_model_adds_the_reverse_term_of_its_tables():
+  """loss(w) - loss(0) = w x the term on S[item] and C[seed], over B rows."""
+  config = CONFIG.replace(transition_reverse_weight=0.7)
+  model, plain = _built(config), _built(config.replace(transition_reverse_weight=0.0))
+  plain.set_weights(model.get_weights())
+  batch = query_lib.parsed([
+      {"user_id": f"u{i}", "item_id": f"i{i}", "seed_item_id": seed.decode(),
+       "history_item_ids": [seed.decode()] if seed else [], "reward": 1.0 + i / 4}
+      for i, seed in enumerate(SEEDS)])
+  difference = float(model.compute_loss(batch) - plain.compute_loss(batch))
+  rows = model.query_tower.seed_transition(batch["item_id"]).numpy()
+  columns = model.candidate_tower.item_transition(batch["seed_item_id"]).numpy()
+  want = _reverse_by_hand(rows, columns, SEEDS, config.temperature,
+                          batch["reward"].numpy())
+  assert difference == pytest.approx(0.7 * want / len(SEEDS), rel=1e-4)
+  assert abs(want) > 1e-3
+
+
+def test_reverse_weight_needs_the_tables():
+  with pytest.raises(ValueError, match="needs transition_embeddings"):
+    CONFIG.replace(transition_embeddings=False, transition_reverse_weight=1.0)
+  with pytest.raises(ValueError, match="must be >= 0"):
+    CONFIG.replace(transition_reverse_weight=-1.0)
