@@ -2,9 +2,12 @@ r"""Trainer days with one parse at a time vs AUTOTUNE-parallel parses (issue 4).
 
 `models.data.stream_batches` parses one batch at a time behind the prefetch
 (`parallel_parses=None`), each parse being multi-threaded already. This A/B
-measures that choice: the same synthetic day (default config, batch 1024,
-history 50) is trained end to end by one Trainer, alternating the two settings
-day after day; each keeps its best day. A warm-up day per setting is not counted.
+measures that choice: the same synthetic day (default config in
+models.config.ONE_PASS's regime, batch 1024, history 50) is trained end to end by
+one Trainer, alternating the two settings day after day; each keeps its best
+day. A warm-up day per setting is not counted. One pass: with more epochs the
+window is parsed once, eagerly (`models.data.parse_window`), and the setting
+would change nothing.
 
   python bench/input_parallelism.py                  # 204,800 examples a day
   python bench/input_parallelism.py --ab_rounds=3 --json_out=/tmp/p.json
@@ -34,6 +37,7 @@ from core.workdir import Workdir  # noqa: E402
 from models import data  # noqa: E402
 from models import trainer as trainer_lib  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
+from models.config import ONE_PASS  # noqa: E402
 
 _ROUNDS = flags.DEFINE_integer("ab_rounds", 6, "Timed days per setting.")
 SETTINGS = {"one_at_a_time": None, "autotune_parallel": tf.data.AUTOTUNE}
@@ -48,7 +52,7 @@ def main(argv: Sequence[str]) -> None:
   with tempfile.TemporaryDirectory() as root:
     source = os.path.join(root, "source")
     tt.write_day(source, first, tt.synthetic_examples(examples, seed=1))
-    trainer = trainer_lib.Trainer(os.path.join(root, "workdir"), ModelConfig())
+    trainer = trainer_lib.Trainer(os.path.join(root, "workdir"), ModelConfig(**ONE_PASS))
     day = first
     for round_ in range(_ROUNDS.value + 1):
       for name, parses in SETTINGS.items():

@@ -7,7 +7,10 @@ Beam job builds Examples with `to_example`, the trainer parses them with
 
 Dense form: after parsing, every feature is a dense tensor with a leading batch
 dimension. Multi-valued string features are padded with "" and their weights with
-0.0; an empty string always means "absent" to the towers.
+0.0; an empty string always means "absent" to the towers. A multi-valued feature
+is as wide as the batch's widest row, the history cut to its first (most recent)
+`max_history` items; padding it wider with absent values changes no embedding
+(tests/test_features.py), so models/data.py may pad batches to a common width.
 
 Topic weights: an Example carries one `item_topic_weights` value per
 `item_topics` value, or none (uniform weights: parsing fills in 1.0 per topic).
@@ -52,22 +55,36 @@ TRAINING_FEATURES = QUERY_FEATURES + CANDIDATE_FEATURES + ("reward",)
 MAX_HISTORY = 50
 
 
+# Multi-valued features parsed ragged: their per-row counts are checked against
+# each other (`_dense_topics`), which a dense parse would lose. The others
+# (history) parse straight to the dense form, padded to the batch's widest row:
+# that skips building a ragged tensor, cutting it and densifying it, which cost
+# more than parsing them (bench/train_throughput.py, "parse").
+_RAGGED = ("item_topics", "item_topic_weights")
+
+
 def _parse_spec(names: Sequence[str]) -> dict[str, Any]:
   spec = {}
   for name in names:
     dtype, multi, default = FEATURES[name]
-    if multi:
+    if multi and name in _RAGGED:
       spec[name] = tf.io.RaggedFeature(dtype, row_splits_dtype=tf.int64)
+    elif multi:
+      spec[name] = tf.io.FixedLenSequenceFeature([], dtype, allow_missing=True,
+                                                 default_value=default)
     else:
       spec[name] = tf.io.FixedLenFeature([], dtype, default_value=default)
   return spec
 
 
-def _fill_topic_weights(parsed: dict[str, Any]) -> None:
-  """Checks one weight per topic, or none (then 1.0 each), row by row, in place."""
-  if "item_topics" not in parsed or "item_topic_weights" not in parsed:
+def _dense_topics(parsed: dict[str, Any]) -> None:
+  """Densifies the ragged topics and weights in place, checking one weight per
+  topic, or none (then 1.0 each), row by row: both become [batch, most topics]."""
+  topics, weights = parsed.get("item_topics"), parsed.get("item_topic_weights")
+  if topics is None or weights is None:  # one alone: nothing to check
+    for name in set(_RAGGED) & set(parsed):
+      parsed[name] = parsed[name].to_tensor(default_value=FEATURES[name][2])
     return
-  topics, weights = parsed["item_topics"], parsed["item_topic_weights"]
   topic_counts, weight_counts = topics.row_lengths(), weights.row_lengths()
   bad = (weight_counts != topic_counts) & (weight_counts > 0)
   # One padding row keeps the message's ops defined on an empty batch.
@@ -79,23 +96,13 @@ def _fill_topic_weights(parsed: dict[str, Any]) -> None:
       "item_topic_weights (give one weight per topic, or none for uniform weights)",
       (row, tf.gather(padded[1], row), tf.gather(padded[2], row)))])
   with tf.control_dependencies([check]):
-    fill = tf.where(weight_counts == 0, topic_counts, tf.zeros_like(topic_counts))
-  ones = tf.RaggedTensor.from_row_lengths(tf.ones([tf.reduce_sum(fill)], tf.float32),
-                                          fill)
-  parsed["item_topic_weights"] = tf.concat([weights, ones], axis=1)
-
-
-def _densify(parsed: dict[str, Any], max_len: Mapping[str, int]) -> dict[str, tf.Tensor]:
-  out = {}
-  for name, value in parsed.items():
-    if isinstance(value, tf.RaggedTensor):
-      default = FEATURES[name][2]
-      width = max_len.get(name)
-      if width is not None:
-        value = value[:, :width]
-      value = value.to_tensor(default_value=default)
-    out[name] = value
-  return out
+    dense_topics = topics.to_tensor(default_value="")
+    width = tf.shape(dense_topics, tf.int64)[1]
+    given = weights.to_tensor(default_value=0.0, shape=tf.stack(
+        [tf.shape(dense_topics, tf.int64)[0], width]))
+  uniform = tf.sequence_mask(tf.where(weight_counts == 0, topic_counts, 0), width,
+                             tf.float32)
+  parsed["item_topics"], parsed["item_topic_weights"] = dense_topics, given + uniform
 
 
 def parse_examples(serialized: tf.Tensor, names: Sequence[str] = tuple(FEATURES),
@@ -111,8 +118,10 @@ def parse_examples(serialized: tf.Tensor, names: Sequence[str] = tuple(FEATURES)
     name -> dense tensor [batch] or [batch, width].
   """
   parsed = tf.io.parse_example(serialized, _parse_spec(names))
-  _fill_topic_weights(parsed)
-  return _densify(parsed, {"history_item_ids": max_history})
+  _dense_topics(parsed)
+  if "history_item_ids" in parsed:  # [batch, widest]: an identity slice when narrower
+    parsed["history_item_ids"] = parsed["history_item_ids"][:, :max_history]
+  return parsed
 
 
 def default_batch(names: Sequence[str] = TRAINING_FEATURES) -> dict[str, tf.Tensor]:
