@@ -7,15 +7,16 @@ day to `--warmup_events` events, then runs `pipeline.daily_job.DailyJob` over bo
 days in one workdir, as `pipeline.daily` does for a range. The small first day
 traces and builds everything and makes the export that the big day's evaluation
 scores; the second day, of `size` events, is the one measured. Per step of the
-big day it reports wall and CPU seconds, both per 1,000 events, and the process's
-peak RSS once the step is done (the high-water mark so far: the step that raises it
-is the one that needs the memory). The warm-up day's steps are printed too: they
-are the steps' fixed cost, which a small day's per-event figure includes.
+big day it reports wall and CPU seconds, both per 1,000 events, the process's peak
+RSS during the step alone and how far above the RSS it started at it went (Linux:
+the high-water mark is reset as each step starts, through /proc/self/clear_refs;
+elsewhere the high-water mark so far), and the peak RSS of the whole run. The
+warm-up day's steps are printed too: they are the steps' fixed cost, which a small
+day's per-event figure includes.
 
-A day of more than `--evaluate_max_events` events skips the evaluate step (marked
-done in the manifest, as a day without an earlier export is): the evaluation loads
-the whole day's events into memory, over 11 GB at 1M events, more than a shared
-two-core machine can give it. The other steps run as in the job.
+The evaluation reads and scores the day in chunks (evaluator.CHUNK_EVENTS), so it
+runs at any size; `--evaluate_max_events` can still skip it on a bigger day (marked
+done in the manifest, as a day without an earlier export is).
 
 Then, between the smallest and the largest size, the ratio of each step's seconds
 per event (largest / smallest): at most about 1 when the cost per event does not
@@ -24,7 +25,7 @@ grow with the day (fixed costs make the small day's figure the larger one).
   python bench/big_day.py                                 # 100k and 1M events
   python bench/big_day.py --sizes=20000,100000 --json_out=/tmp/big.json
 
-A 1M-event day takes about 15 minutes on two loaded cores; run one bench at a time.
+A 1M-event day takes about 30 minutes (evaluation included) on two loaded cores; run one bench at a time.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,9 +51,8 @@ _USERS = flags.DEFINE_integer("users", 50_000, "Users of the world (every size).
 _ITEMS = flags.DEFINE_integer("items", 20_000, "Items cataloged before the first day.")
 _WARMUP = flags.DEFINE_integer("warmup_events", 2_000, "Events of the first day.")
 _EVALUATE_MAX = flags.DEFINE_integer(
-    "evaluate_max_events", 300_000, "Skip the evaluate step (marked done in the "
-    "manifest) of a bigger day: the evaluation holds the whole day's events in memory, "
-    "over 11 GB for a day of 1M events (and still growing when it was stopped).")
+    "evaluate_max_events", 0, "Skip the evaluate step (marked done in the manifest) "
+    "of a day of more events (0: never skip it).")
 _BAD = flags.DEFINE_float("bad_line_rate", 0.001, "Corrupted lines (dead letters).")
 _ROOT = flags.DEFINE_string("root", None, "Where the worlds and workdirs go "
                             "(default: a temporary directory, removed after).")
@@ -67,6 +67,32 @@ STEPS = ("beam", "evaluate", "train", "export", "report")
 def _peak_rss_mb() -> float:
   """This process's peak resident memory so far, in MB (Linux: ru_maxrss in KB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_step_peak() -> bool:
+  """Resets this process's resident high-water mark (Linux 4.0+), so `_step_peak_mb`
+  gives the peak since; False where it cannot (the peak so far stands in)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def _status_mb(field: str) -> Optional[float]:
+  """A memory field of /proc/self/status ("VmHWM", "VmRSS") in MB; None off Linux."""
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:")) / 1024
+  except (OSError, StopIteration, ValueError):
+    return None
+
+
+def _step_peak_mb() -> float:
+  """The resident high-water mark (since `_reset_step_peak`), in MB."""
+  found = _status_mb("VmHWM")
+  return _peak_rss_mb() if found is None else found
 
 
 def generate(raw: str, size: int) -> dict[str, int]:
@@ -110,6 +136,7 @@ def run_size(root: str, size: int) -> dict[str, Any]:
   paths = workdir_lib.Workdir(workdir, os.path.join(raw, "logs"),
                               os.path.join(raw, "catalog"))
   since: list[tuple[float, float]] = []  # (wall, CPU) when the last step ended
+  started: list[Optional[float]] = []  # the resident MB then (None: unknown)
   steps: dict[str, dict[str, float]] = {}
 
   def progress(line: str) -> None:
@@ -118,20 +145,26 @@ def run_size(root: str, size: int) -> dict[str, Any]:
     if step in STEPS:
       wall, cpu = time.perf_counter(), time.process_time()
       steps[step] = {"wall_s": wall - since[-1][0], "cpu_s": cpu - since[-1][1],
-                     "peak_rss_mb": _peak_rss_mb()}
+                     "peak_rss_mb": _step_peak_mb() if reset else _peak_rss_mb(),
+                     "start_rss_mb": started[-1]}
       since.append((wall, cpu))
+      _reset_step_peak()
+      started.append(_status_mb("VmRSS"))
 
   days = []
+  reset = _reset_step_peak()
   with workdir_lock.WorkdirLock(workdir):
     job = daily_job.DailyJob(paths, config=ModelConfig(), progress=progress)
     for date in sorted(events):
       day = dt.date.fromisoformat(date)
       steps.clear()
-      if events[date] > _EVALUATE_MAX.value:
+      if _EVALUATE_MAX.value and events[date] > _EVALUATE_MAX.value:
         job.manifest.mark(day, "evaluate", {"skipped": f"{events[date]} events, more "
                                             f"than --evaluate_max_events"})
         steps["evaluate"] = {"skipped": True}
       since.append((time.perf_counter(), time.process_time()))
+      _reset_step_peak()
+      started.append(_status_mb("VmRSS"))
       record = job.run_day(day)
       for step, figures in steps.items():
         figures["recorded_s"] = record[step].get("seconds")
@@ -141,7 +174,7 @@ def run_size(root: str, size: int) -> dict[str, Any]:
   shutil.rmtree(raw, ignore_errors=True)
   shutil.rmtree(workdir, ignore_errors=True)
   return {"size": size, "generate_s": generate_s, "warmup": days[0], "big": days[1],
-          "peak_rss_mb": _peak_rss_mb(), "cpus": os.cpu_count()}
+          "peak_rss_mb": _peak_rss_mb(), "step_peaks": reset, "cpus": os.cpu_count()}
 
 
 def _ran(day: dict[str, Any]) -> list[str]:
@@ -156,7 +189,9 @@ def _per_k(day: dict[str, Any], step: str, kind: str) -> float:
 def table(results: list[dict[str, Any]]) -> str:
   """Markdown: each size's big day per step, the warm-up day, and the growth ratio."""
   lines = ["| step | " + " | ".join(
-      f"{r['size']:,} events: s (s/1k events, CPU s/1k), peak RSS GB" for r in results)
+      f"{r['size']:,} events: s (s/1k events, CPU s/1k), " + (
+          "the step's peak RSS GB (+ above the RSS it started at)" if r.get("step_peaks")
+          else "peak RSS so far GB") for r in results)
            + f" | warm-up day ({results[0]['warmup']['events']:,} events) s |",
            "|---" * (len(results) + 2) + "|"]
   for step in STEPS:
@@ -166,9 +201,12 @@ def table(results: list[dict[str, Any]]) -> str:
       if step not in _ran(big):
         cells.append("skipped")
         continue
-      cells.append(f"{big['steps'][step]['wall_s']:.1f} ({_per_k(big, step, 'wall_s'):.3f}, "
+      figures = big["steps"][step]
+      added = (f" (+{(figures['peak_rss_mb'] - figures['start_rss_mb']) / 1024:.2f})"
+               if r.get("step_peaks") and figures.get("start_rss_mb") is not None else "")
+      cells.append(f"{figures['wall_s']:.1f} ({_per_k(big, step, 'wall_s'):.3f}, "
                    f"{_per_k(big, step, 'cpu_s'):.3f}), "
-                   f"{big['steps'][step]['peak_rss_mb'] / 1024:.2f}")
+                   f"{figures['peak_rss_mb'] / 1024:.2f}{added}")
     lines.append(f"| {step} | " + " | ".join(cells)
                  + f" | {results[0]['warmup']['steps'][step]['wall_s']:.1f} |")
   totals = []

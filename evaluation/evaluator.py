@@ -50,15 +50,23 @@ What the days before D contribute (counts, seen items, co-visitation) is a runni
 total that each day extends, persisted in W/state/evaluation and rebuilt from
 W/data when it does not match it (records.TrainingInteractions): a day's
 evaluation costs the same on day 200 as on day 2, in a new process too.
+
+Day D itself is read and scored CHUNK_EVENTS events at a time (records.iter_events,
+records.DaySeen): what is held is one chunk's events and, of every event, its ranks
+(with diversity, its lists' corpus rows), so the memory and the cost per event do not
+grow with the day. The exports get the batches of _BATCH events they would get from
+the whole day at once, so the figures are the same whatever the chunk size.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import json
 import os
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+import time
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -73,6 +81,7 @@ from evaluation import plots
 from evaluation import recall
 from evaluation import records
 from models import features as features_lib
+from serving import corpus as corpus_lib
 from serving import exporter
 from serving import ranker_export
 from serving import servable
@@ -81,9 +90,15 @@ from serving import versions
 KS = (10, 50, 100)
 PLOT_FILE = "recall.png"
 _BATCH = 256
+MODES = ("all", "seen_excluded")
+# Events read and scored at a time: the evaluation holds one chunk's events, not the
+# day's (about 2 KB an event with 50 history items).
+CHUNK_EVENTS = 1 << 14
+# The columns the training interactions keep of the day (records.TrainingInteractions
+# .remember), kept whole.
+_REMEMBERED = ("user_id", "item_id", "timestamp")
 
 Ranks = dict[str, dict[str, np.ndarray]]  # {mode: {method: ranks}}
-Lists = dict[str, dict[str, np.ndarray]]  # {mode: {export: item ids [events, k]}}
 
 
 @dataclasses.dataclass
@@ -167,58 +182,24 @@ class DiverseRequest:
   num_candidates: int
 
 
-class Retrieved(NamedTuple):
-  """What an export returned for the selected events.
-
-  Attributes:
-    ranks: each event's target rank in its list (recall.MISS if absent) [events].
-    heads: the first `keep` item ids of each list, "" padded [events, keep].
-  """
-  ranks: np.ndarray
-  heads: np.ndarray
-
-
-def retrieve(loaded: tf.Module, events: dict[str, np.ndarray], rows: np.ndarray,
-             k: int, exclusions: Optional[records.SeenItems] = None, keep: int = 0,
-             diverse: Optional[DiverseRequest] = None) -> Retrieved:
-  """Queries the export with the selected events: through `retrieve`, or with
-  `diverse` through `retrieve_diverse`.
+def _query(loaded: tf.Module, inputs: Mapping[str, tf.Tensor], exclude: tf.Tensor,
+           k: int, diverse: Optional[DiverseRequest] = None) -> np.ndarray:
+  """One batch's lists [B, k] (item ids, "" padded) from the export (a loaded
+  SavedModel): through `retrieve`, or with `diverse` through `retrieve_diverse`.
 
   Args:
-    loaded: a loaded export (tf.saved_model.load).
-    events: day features (QUERY_FEATURES and item_id), [num_events, ...].
-    rows: which events to score.
-    k: items to retrieve.
-    exclusions: each event's seen items (indexed like `events`), which the export
-      must leave out (None: nothing).
-    keep: the leading items of each list to return (0: none; lists are dropped
-      batch by batch, so a large k costs no memory).
-    diverse: theta and N of retrieve_diverse (None: plain retrieve).
+    inputs: the query features of the batch's events (QUERY_FEATURES).
+    exclude: each event's ids the export must leave out, "" padded [B, W] (W >= 0).
   """
-  if not 0 <= keep <= k:
-    raise ValueError(f"need 0 <= keep <= k, got keep={keep}, k={k}")
   signature = loaded.signatures[servable.RETRIEVE if diverse is None
                                 else servable.RETRIEVE_DIVERSE]
   extra = {} if diverse is None else {
       "num_candidates": tf.constant(diverse.num_candidates, tf.int32),
-      "theta": tf.constant(diverse.theta, tf.float32)}
-  ranks = np.full(len(rows), recall.MISS, np.int64)
-  heads = np.full((len(rows), keep), b"", object)
-  for start in range(0, len(rows), _BATCH):
-    batch = rows[start:start + _BATCH]
-    inputs = {name: tf.constant(events[name][batch])
-              for name in features_lib.QUERY_FEATURES}
-    matrix = (exclusions.matrix(batch) if exclusions is not None
-              else np.zeros((len(batch), 0), object))
-    if diverse is not None:
-      extra["boost_item_ids"] = tf.zeros([len(batch), 0], tf.string)
-      extra["boosts"] = tf.zeros([len(batch), 0], tf.float32)
-    out = signature(**inputs, **extra, k=tf.constant(k, tf.int32),
-                    exclude_item_ids=tf.constant(matrix, tf.string, shape=matrix.shape))
-    items = out["item_ids"].numpy()
-    ranks[start:start + len(batch)] = recall.hit_ranks(items, events["item_id"][batch])
-    heads[start:start + len(batch)] = items[:, :keep]
-  return Retrieved(ranks, heads)
+      "theta": tf.constant(diverse.theta, tf.float32),
+      "boost_item_ids": tf.zeros([exclude.shape[0], 0], tf.string),
+      "boosts": tf.zeros([exclude.shape[0], 0], tf.float32)}
+  return signature(**inputs, **extra, k=tf.constant(k, tf.int32),
+                   exclude_item_ids=exclude)["item_ids"].numpy()
 
 
 def _decile_table(ranks: np.ndarray, deciles: np.ndarray, ks: Sequence[int]
@@ -240,34 +221,32 @@ def _query_items(events: dict[str, np.ndarray]) -> np.ndarray:
   return history[:, 0]
 
 
+def _padded(events: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+  """`events` with history_item_ids padded with "" to `width` columns.
+
+  Parsing makes a chunk's history as wide as its widest; padded to the width parsing
+  cuts at (max_history), every batch sent to an export is equally wide whichever
+  chunks its events came from, so the figures do not depend on the chunk size.
+  """
+  history = events["history_item_ids"]
+  if history.ndim < 2 or history.shape[1] >= width:
+    return events
+  return {**events, "history_item_ids": np.pad(
+      history, [(0, 0), (0, width - history.shape[1])], constant_values=b"")}
+
+
 @dataclasses.dataclass
-class _Day:
-  """Day D's events against the corpus: positions are corpus positions (-1: outside)."""
+class _Chunk:
+  """Consecutive events of day D (rows are the chunk's) against the corpus."""
   events: dict[str, np.ndarray]
   seen: records.SeenItems
   novel_rows: np.ndarray
-  corpus: np.ndarray
-  corpus_counts: np.ndarray
-  targets: np.ndarray     # corpus position of each event's target
+  targets: np.ndarray     # corpus position of each event's target (-1: outside)
   seen_items: np.ndarray  # corpus position of each of `seen`'s names
-
-  @classmethod
-  def of(cls, events: dict[str, np.ndarray], corpus: np.ndarray,
-         training: records.TrainingInteractions) -> "_Day":
-    seen = records.SeenItems.of(events, training)
-    position = {item: j for j, item in enumerate(corpus.tolist())}
-    seen_items = np.array([position.get(i, -1) for i in seen.names.tolist()], np.int64)
-    return cls(events=events, seen=seen, novel_rows=seen.novel_rows(), corpus=corpus,
-               corpus_counts=training.counts_of(corpus.tolist()),
-               targets=seen_items[seen.target], seen_items=seen_items)
 
   def rows(self, mode: str) -> np.ndarray:
     """The events scored in `mode`: all, or those whose target was not seen."""
     return np.arange(len(self.targets)) if mode == "all" else self.novel_rows
-
-  def exclusions(self, mode: str) -> Optional[records.SeenItems]:
-    """What an export must leave out in `mode`: nothing, or each event's seen items."""
-    return None if mode == "all" else self.seen
 
   def seen_pairs(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(position in `rows`, corpus position) of the seen items of the events `rows`."""
@@ -275,38 +254,211 @@ class _Day:
     return at, self.seen_items[items]
 
 
-def _score(loaded: Mapping[str, tf.Module], day: _Day,
-           training: records.TrainingInteractions, k: int, keep: int = 0
-           ) -> tuple[Ranks, Lists]:
-  """Target ranks of every export and of the baselines, in both modes; and the
-  first `keep` items of every export's lists."""
-  events, novel_rows, corpus = day.events, day.novel_rows, day.corpus
-  ranks: Ranks = {"all": {}, "seen_excluded": {}}
-  lists: Lists = {"all": {}, "seen_excluded": {}}
-  for name, model in loaded.items():
-    for mode in ranks:
-      ranks[mode][name], lists[mode][name] = retrieve(model, events, day.rows(mode), k,
-                                                      day.exclusions(mode), keep)
-  popular = baselines.counts_order_places(corpus, day.corpus_counts)
-  recent = baselines.counts_order_places(corpus, training.recent_of(corpus.tolist()))
-  # The co-visited items of each distinct query item, as corpus positions.
-  slots: dict[bytes, int] = {}
-  query_slots = np.array([slots.setdefault(q, len(slots)) if q else -1
-                          for q in _query_items(events).tolist()], np.int64)
-  cov_slots, cov_items, cov_counts = training.covisits_of(training.items.get(list(slots)))
-  cov_items = day.seen_items[cov_items]  # seen's names start with the training items
-  baseline_ranks = {  # event rows -> ranks
-      "popularity": lambda rows, seen: baselines.popularity_ranks_at(
-          popular, day.targets[rows], *seen),
-      "covisitation": lambda rows, seen: baselines.covisitation_ranks_at(
-          recent, query_slots[rows], cov_slots, cov_items, cov_counts, day.targets[rows],
-          *seen),
-  }
-  nothing = (np.zeros(0, np.int64), np.zeros(0, np.int64))
-  for method, rank in baseline_ranks.items():
-    ranks["all"][method] = rank(np.arange(len(day.targets)), nothing)
-    ranks["seen_excluded"][method] = rank(novel_rows, day.seen_pairs(novel_rows))
-  return ranks, lists
+class _Day:
+  """Day D's events against the corpus, read chunk after chunk (`add`).
+
+  Of each event it keeps only its target's corpus position and whether it is novel
+  (its target not seen before), a few bytes an event; the seen items carry from
+  one chunk to the next (records.DaySeen).
+  """
+
+  def __init__(self, corpus: np.ndarray, training: records.TrainingInteractions):
+    self.corpus = corpus
+    self.corpus_counts = training.counts_of(corpus.tolist())
+    self._training = training
+    self._seen = records.DaySeen(training.items)
+    self._position = {item: j for j, item in enumerate(corpus.tolist())}
+    self._seen_items = np.zeros(0, np.int64)  # corpus position of each DaySeen name
+    self._targets: list[np.ndarray] = []
+    self._novel_rows: list[np.ndarray] = []
+    self.num_events = 0
+
+  def add(self, events: dict[str, np.ndarray]) -> _Chunk:
+    """The next chunk of events (its rows follow the earlier chunks')."""
+    seen = self._seen.add(events, *self._training.prior_items(events["user_id"].tolist()))
+    known = len(self._seen_items)
+    if len(seen.names) > known:  # the names only grow: look up the new ones
+      self._seen_items = np.concatenate([self._seen_items, np.array(
+          [self._position.get(i, -1) for i in seen.names[known:].tolist()], np.int64)])
+    chunk = _Chunk(events=events, seen=seen, novel_rows=seen.novel_rows(),
+                   targets=self._seen_items[seen.target], seen_items=self._seen_items)
+    self._targets.append(chunk.targets)
+    self._novel_rows.append(chunk.novel_rows + self.num_events)
+    self.num_events += len(chunk.targets)
+    return chunk
+
+  @property
+  def targets(self) -> np.ndarray:
+    """Corpus position of each event's target, over the chunks added."""
+    return _joined(self._targets, np.zeros(0, np.int64))
+
+  @property
+  def novel_rows(self) -> np.ndarray:
+    """The events (rows of the day) whose target was not seen before."""
+    return _joined(self._novel_rows, np.zeros(0, np.int64))
+
+
+def _joined(parts: Sequence[np.ndarray], empty: np.ndarray) -> np.ndarray:
+  """The parts concatenated, `empty` when there are none."""
+  return np.concatenate(parts) if parts else empty
+
+
+class _Batch(NamedTuple):
+  """Up to _BATCH consecutive events of a mode, from one chunk or more."""
+  inputs: dict[str, np.ndarray]  # their query features
+  exclude: np.ndarray            # what the exports must leave out, "" padded [B, W]
+  targets: np.ndarray            # their target ids [B]
+
+
+class _Batcher:
+  """A mode's events in batches of _BATCH, whatever chunks they come in: each batch
+  holds the events that scoring the whole day's rows at once would give it (an
+  export's lists can depend on its batch, e.g. on the exclusions' width)."""
+
+  def __init__(self, exclude: bool):
+    self._exclude = exclude
+    self._pending: collections.deque[tuple[_Chunk, np.ndarray]] = collections.deque()
+    self._count = 0
+
+  def add(self, chunk: _Chunk, rows: np.ndarray) -> Iterator[_Batch]:
+    """Queues the events `rows` of `chunk`; yields the batches now full."""
+    if len(rows):  # a chunk with none is not held
+      self._pending.append((chunk, rows))
+      self._count += len(rows)
+    while self._count >= _BATCH:
+      yield self._take(_BATCH)
+
+  def flush(self) -> Iterator[_Batch]:
+    """The last batch, of the events still queued (none when there are none)."""
+    if self._count:
+      yield self._take(self._count)
+
+  def _take(self, size: int) -> _Batch:
+    pieces: list[tuple[_Chunk, np.ndarray]] = []
+    while size > sum(len(rows) for _, rows in pieces):
+      chunk, rows = self._pending.popleft()
+      wanted = size - sum(len(r) for _, r in pieces)
+      if len(rows) > wanted:
+        self._pending.appendleft((chunk, rows[wanted:]))
+      pieces.append((chunk, rows[:wanted]))
+    self._count -= size
+    exclude = (corpus_lib.concat_padded([c.seen.matrix(r) for c, r in pieces])
+               if self._exclude else np.zeros((size, 0), object))
+    return _Batch({name: corpus_lib.concat_padded([c.events[name][r] for c, r in pieces])
+                   for name in features_lib.QUERY_FEATURES}, exclude,
+                  np.concatenate([c.events["item_id"][r] for c, r in pieces]))
+
+
+@dataclasses.dataclass
+class _Extras:
+  """What is scored beyond recall: diversity (`request`, `size`, each export's
+  corpus) and the funnel (the ranker, and the export whose lists it re-ranks)."""
+  request: Optional[DiverseRequest] = None
+  size: int = 0
+  corpora: Optional[dict[str, diversity.CorpusItems]] = None
+  ranker: Optional[tf.Module] = None
+  funnel_export: Optional[str] = None
+
+
+class _Scores:
+  """Per mode, each method's target rank of every event scored, batch after batch
+  and chunk after chunk, in the order of the day's rows; with diversity, the
+  diverse lists' ranks and both lists' corpus rows; with the funnel, the re-ranked
+  lists' ranks and what re-ranking cost."""
+
+  def __init__(self, loaded: Mapping[str, tf.Module], k: int, extras: _Extras):
+    self._loaded, self._k, self._extras = loaded, k, extras
+    methods = list(loaded) + ["popularity", "covisitation"]
+    self._ranks = {mode: {m: [] for m in methods} for mode in MODES}
+    self._diverse = {mode: {name: {"ranks": [], "plain": [], "diverse": []}
+                            for name in loaded} for mode in MODES}
+    self._reranked: dict[str, list[np.ndarray]] = {mode: [] for mode in MODES}
+    self.funnel_seconds = 0.0
+
+  def batch(self, mode: str, batch: _Batch) -> None:
+    """Scores the exports on a batch of `mode`'s events."""
+    extras = self._extras
+    # Made once for every export and signature.
+    inputs = {name: tf.constant(value) for name, value in batch.inputs.items()}
+    exclude = tf.constant(batch.exclude, tf.string, shape=batch.exclude.shape)
+    for name, model in self._loaded.items():
+      items = _query(model, inputs, exclude, self._k)
+      self._ranks[mode][name].append(recall.hit_ranks(items, batch.targets))
+      if extras.request is not None:
+        chosen = _query(model, inputs, exclude, extras.size, extras.request)
+        found = self._diverse[mode][name]
+        found["ranks"].append(recall.hit_ranks(chosen, batch.targets))
+        for kind, heads in (("plain", items[:, :extras.size]), ("diverse", chosen)):
+          found[kind].append(extras.corpora[name].rows_of(heads).astype(np.int32))
+      if extras.ranker is not None and name == extras.funnel_export:
+        started = time.perf_counter()
+        scores = funnel.teacher_scores(extras.ranker, batch.inputs,
+                                       np.arange(len(items)), items)
+        self._reranked[mode].append(
+            recall.hit_ranks(funnel.reranked(items, scores), batch.targets))
+        self.funnel_seconds += time.perf_counter() - started
+
+  def baselines(self, chunk: _Chunk, popular: np.ndarray, recent: np.ndarray,
+                training: records.TrainingInteractions) -> None:
+    """Ranks the chunk's events in both baselines' lists (places: each corpus item's
+    place in the popularity order of all counts and of the recent ones)."""
+    # The co-visited items of each distinct query item, as corpus positions.
+    slots: dict[bytes, int] = {}
+    query_slots = np.array([slots.setdefault(q, len(slots)) if q else -1
+                            for q in _query_items(chunk.events).tolist()], np.int64)
+    cov_slots, cov_items, cov_counts = training.covisits_of(training.items.get(list(slots)))
+    cov_items = chunk.seen_items[cov_items]  # seen's names start with the training items
+    rank = {  # event rows -> ranks
+        "popularity": lambda rows, seen: baselines.popularity_ranks_at(
+            popular, chunk.targets[rows], *seen),
+        "covisitation": lambda rows, seen: baselines.covisitation_ranks_at(
+            recent, query_slots[rows], cov_slots, cov_items, cov_counts,
+            chunk.targets[rows], *seen),
+    }
+    nothing = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    for method, of in rank.items():
+      self._ranks["all"][method].append(of(chunk.rows("all"), nothing))
+      self._ranks["seen_excluded"][method].append(
+          of(chunk.novel_rows, chunk.seen_pairs(chunk.novel_rows)))
+
+  def ranks(self) -> Ranks:
+    """Every method's target ranks, per mode, in the order of the day's rows."""
+    return {mode: {m: _joined(r, np.zeros(0, np.int64)) for m, r in by_method.items()}
+            for mode, by_method in self._ranks.items()}
+
+  def diversity(self, ranks: Ranks) -> dict[str, Any]:
+    """The "diversity" entry: recall and diversity of each export's diverse lists and
+    of its plain ones (`ranks`: its retrieve lists' target ranks)."""
+    extras = self._extras
+    size = extras.size
+    ks = sorted({c for c in KS if c <= size} | {size})
+    empty = np.zeros((0, size), np.int32)
+    return {"theta": extras.request.theta, "num_candidates": extras.request.num_candidates,
+            "k": size, "ks": ks,
+            "recall": {mode: {name: {
+                kind: {str(c): v for c, v in recall.recall_at(r, ks).items()}
+                for kind, r in (("plain", ranks[mode][name]),
+                                ("diverse", _joined(found["ranks"], empty[:, 0])))}
+                              for name, found in by_export.items()}
+                       for mode, by_export in self._diverse.items()},
+            "lists": {mode: {name: {
+                kind: extras.corpora[name].figures(_joined(found[kind], empty))
+                for kind in ("plain", "diverse")}
+                             for name, found in by_export.items()}
+                      for mode, by_export in self._diverse.items()}}
+
+  def funnel(self, ranker_dir: str, ranks: Ranks) -> dict[str, Any]:
+    """The "funnel" entry: the lists of the funnel's export re-ranked by the ranker
+    export at `ranker_dir`."""
+    export, k = self._extras.funnel_export, self._k
+    # With no lists, funnel_metrics gives the entry's header alone.
+    entry = funnel.funnel_metrics(self._extras.ranker, ranker_dir, {}, {}, {}, export, k)
+    del entry["seconds"]
+    for mode, reranked in self._reranked.items():
+      entry[mode] = funnel.figures(ranks[mode][export],
+                                   _joined(reranked, np.zeros(0, np.int64)), k)
+    entry["seconds"] = round(self.funnel_seconds, 2)  # the re-ranking's cost
+    return entry
 
 
 def _by_decile(ranks: Ranks, day: _Day, ks: Sequence[int]) -> dict[str, Any]:
@@ -351,35 +503,6 @@ def _recall_figures(ranks: Ranks, ks: Sequence[int], k: int) -> dict[str, Any]:
   return figures
 
 
-def _diversity(workdir: str, loaded: Mapping[str, tf.Module],
-               meta: Mapping[str, dict[str, Any]], day: _Day, ranks: Ranks, plain: Lists,
-               settings: EvaluationSettings, k: int) -> dict[str, Any]:
-  """The "diversity" entry: recall and diversity of each export's diverse lists and
-  of its plain ones (`ranks` and `plain`: its retrieve lists' target ranks and first
-  items)."""
-  count = min([settings.diversity_candidates] + [m["max_k"] for m in meta.values()])
-  size = min(settings.diversity_k, count, k)
-  ks = sorted({c for c in KS if c <= size} | {size})
-  diverse = DiverseRequest(float(settings.diversity_theta), count)
-  found: dict[str, dict[str, Any]] = {"all": {}, "seen_excluded": {}}
-  lists: dict[str, dict[str, Any]] = {"all": {}, "seen_excluded": {}}
-  for name, model in loaded.items():
-    items = diversity.CorpusItems.of(model.item_ids.numpy(), model.item_embeddings.numpy(),
-                                     diversity.corpus_pattern(workdir, meta[name]))
-    for mode in found:
-      chosen = retrieve(model, day.events, day.rows(mode), size, day.exclusions(mode),
-                        size, diverse)
-      found[mode][name] = {
-          kind: {str(c): v for c, v in recall.recall_at(r, ks).items()}
-          for kind, r in (("plain", ranks[mode][name]), ("diverse", chosen.ranks))}
-      lists[mode][name] = {
-          kind: items.figures(items.rows_of(heads))
-          for kind, heads in (("plain", plain[mode][name][:, :size]),
-                              ("diverse", chosen.heads))}
-  return {"theta": diverse.theta, "num_candidates": count, "k": size, "ks": ks,
-          "recall": found, "lists": lists}
-
-
 def diversity_summary(metrics: Mapping[str, Any]) -> Optional[dict[str, Any]]:
   """The headline of metrics.json's "diversity" (None without it): per mode and
   export, recall@k and mean pairwise distance of the plain and the diverse lists."""
@@ -399,15 +522,20 @@ def diversity_summary(metrics: Mapping[str, Any]) -> Optional[dict[str, Any]]:
 
 def compute_metrics(workdir: str, day: datetime.date, exports: Mapping[str, str],
                     state: EvaluationState,
-                    settings: EvaluationSettings = EvaluationSettings()) -> dict[str, Any]:
+                    settings: EvaluationSettings = EvaluationSettings(),
+                    chunk_events: int = CHUNK_EVENTS) -> dict[str, Any]:
   """Scores the exports {"scann"/"exact": version dir} on day D's events.
+
+  The day is read and scored `chunk_events` events at a time: what is held is one
+  chunk's events, and of every event its ranks (and with diversity its lists' corpus
+  rows), whatever the day's size. The figures do not depend on `chunk_events`.
 
   Returns:
     The metrics of metrics.json (see the module docstring).
 
   Raises:
-    ValueError: no events on day D; with diversity, an export item the corpus of
-      its day lacks.
+    ValueError: no events on day D, or one that cannot be read; with diversity, an
+      export item the corpus of its day lacks.
     FileNotFoundError: with diversity, no corpus of the export's day
       (diversity.corpus_pattern).
   """
@@ -416,22 +544,48 @@ def compute_metrics(workdir: str, day: datetime.date, exports: Mapping[str, str]
   corpus = loaded["exact" if "exact" in loaded else "scann"].item_ids.numpy()
   k = min([max(KS)] + [m["max_k"] for m in meta.values()])
   ks = [c for c in KS if c <= k] or [k]
+  max_history = next(iter(meta.values()))["config"]["max_history"]
   training = state.interactions.before(workdir, day)
-  events = records.read_events(workdir, day,
-                               next(iter(meta.values()))["config"]["max_history"])
-  training.remember(day, events)
-  if len(events["item_id"]) == 0:
+  extras = _Extras()
+  if settings.diversity_theta is not None:
+    count = min([settings.diversity_candidates] + [m["max_k"] for m in meta.values()])
+    extras.request = DiverseRequest(float(settings.diversity_theta), count)
+    extras.size = min(settings.diversity_k, count, k)
+    extras.corpora = {name: diversity.CorpusItems.of(
+        model.item_ids.numpy(), model.item_embeddings.numpy(),
+        diversity.corpus_pattern(workdir, meta[name])) for name, model in loaded.items()}
+  ranker_dir = ranker_export.ranker_before(workdir, day) if settings.funnel else None
+  if ranker_dir is not None:
+    extras.ranker = state.rankers.load(ranker_dir)
+    extras.funnel_export = "exact" if "exact" in loaded else "scann"
+  logging.info("scoring %s on the events of %s", sorted(exports.values()), day)
+  scored = _Day(corpus, training)
+  scores = _Scores(loaded, k, extras)
+  popular = baselines.counts_order_places(corpus, scored.corpus_counts)
+  recent = baselines.counts_order_places(corpus, training.recent_of(corpus.tolist()))
+  batchers = {mode: _Batcher(exclude=mode != "all") for mode in MODES}
+  kept: dict[str, list[np.ndarray]] = {name: [] for name in _REMEMBERED}
+  for events in records.iter_events(workdir, day, max_history, chunk_events):
+    for name, parts in kept.items():
+      parts.append(events[name])
+    chunk = scored.add(_padded(events, max_history))
+    scores.baselines(chunk, popular, recent, training)
+    for mode, batcher in batchers.items():
+      for batch in batcher.add(chunk, chunk.rows(mode)):
+        scores.batch(mode, batch)
+  for mode, batcher in batchers.items():
+    for batch in batcher.flush():
+      scores.batch(mode, batch)
+  training.remember(day, {name: _joined(parts, corpus_lib.empty_column(name))
+                          for name, parts in kept.items()})
+  if scored.num_events == 0:
     raise ValueError(f"{workdir_lib.Workdir(workdir).data_dir(day)}: no events to evaluate")
-  logging.info("scoring %s on %d events of %s", sorted(exports.values()),
-               len(events["item_id"]), day)
-  scored = _Day.of(events, corpus, training)
-  diverse = settings.diversity_theta is not None
-  # The funnel re-ranks the whole lists; the diversity compares their heads.
-  keep = max(min(settings.diversity_k, k) if diverse else 0, k if settings.funnel else 0)
-  ranks, plain = _score(loaded, scored, training, k, keep)
+  logging.info("scored %d events of %s", scored.num_events, day)
+  ranks = scores.ranks()
+  targets = scored.targets
   metrics = {
       "day": day.isoformat(),
-      "num_events": len(scored.targets),
+      "num_events": len(targets),
       "num_events_seen_excluded": len(scored.novel_rows),
       "ks": ks,
       "exports": {name: {"dir": path, "version": meta[name]["version"],
@@ -439,32 +593,19 @@ def compute_metrics(workdir: str, day: datetime.date, exports: Mapping[str, str]
                          "ann_recall_at_10": meta[name]["ann"]["recall_at_10"]}
                   for name, path in exports.items()},
       "corpus_size": int(len(corpus)),
-      "target_in_corpus": float(np.mean(scored.targets >= 0)),
+      "target_in_corpus": float(np.mean(targets >= 0)),
       "training_days": training.day_names,
       "num_training_events": training.num_events,
       "recent_days": training.recent_day_names,
       **_recall_figures(ranks, ks, k),
       "by_popularity_decile": _by_decile(ranks, scored, ks),
   }
-  if diverse:
-    metrics["diversity"] = _diversity(workdir, loaded, meta, scored, ranks, plain,
-                                      settings, k)
+  if extras.request is not None:
+    metrics["diversity"] = scores.diversity(ranks)
   if settings.funnel:
-    metrics["funnel"] = _funnel(workdir, day, state, scored, plain, k)
+    metrics["funnel"] = (scores.funnel(ranker_dir, ranks) if ranker_dir is not None
+                         else funnel.skipped(day))
   return metrics
-
-
-def _funnel(workdir: str, day: datetime.date, state: EvaluationState, scored: _Day,
-            lists: Lists, k: int) -> dict[str, Any]:
-  """The "funnel" entry: the exact export's lists `lists` (else ScaNN's) re-ranked
-  by the newest ranker export labelled before `day`, or why there is none."""
-  path = ranker_export.ranker_before(workdir, day)
-  if path is None:
-    return funnel.skipped(day)
-  export = "exact" if "exact" in lists["all"] else "scann"
-  return funnel.funnel_metrics(state.rankers.load(path), path, scored.events,
-                               {mode: scored.rows(mode) for mode in lists},
-                               {mode: lists[mode][export] for mode in lists}, export, k)
 
 
 def write_metrics(workdir: str, day: datetime.date, metrics: Mapping[str, Any],

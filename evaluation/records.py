@@ -13,10 +13,14 @@ W/state/evaluation (Workdir.eval_state_path) with the days it covers and their
 files. A new process reads that file instead of every earlier day; whatever does
 not match W/data (a day rewritten by a forced re-run, a removed day, a missing,
 torn or corrupt file) is rebuilt from W/data.
+
+Day D's events are read in chunks (`iter_events`), and `DaySeen` carries what each
+user saw from one chunk to the next, so a day of any size is scored in bounded memory.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections.abc
 import dataclasses
 import datetime
@@ -59,6 +63,11 @@ _RACY_NS = 2_000_000_000
 _SHIFT = 32
 _MAX_INDEX = 1 << 31
 _PARSE_BATCH = 1 << 16
+# What parsing a damaged record raises: TensorFlow's error, or, when its message
+# would quote bytes that are not UTF-8, the failure to decode that message.
+_PARSE_ERRORS = (tf.errors.InvalidArgumentError, UnicodeDecodeError)
+# What the evaluation reads of a day's events: the query features and the target.
+EVENT_FEATURES = features_lib.QUERY_FEATURES + ("item_id",)
 # TFRecord framing: a little-endian u64 length and the masked CRC32C of it, the data
 # and its masked CRC32C (as pipeline/writers.py writes them).
 _LENGTH = struct.Struct("<QI")
@@ -67,8 +76,15 @@ _CRC = struct.Struct("<I")
 
 def read_events(workdir: str, day: datetime.date, max_history: int) -> dict[str, np.ndarray]:
   """Day D's events as columns: the query features and the target item_id."""
-  return read_columns(data.example_files(workdir, day),
-                      features_lib.QUERY_FEATURES + ("item_id",), max_history)
+  return read_columns(data.example_files(workdir, day), EVENT_FEATURES, max_history)
+
+
+def iter_events(workdir: str, day: datetime.date, max_history: int,
+                chunk: int = _PARSE_BATCH) -> Iterator[dict[str, np.ndarray]]:
+  """Day D's events as `read_events` gives them, `chunk` events at a time (the last
+  fewer), in the same order: a day of any size in bounded memory."""
+  return iter_columns(data.example_files(workdir, day), EVENT_FEATURES, max_history,
+                      chunk)
 
 
 def read_columns(files: Sequence[str], names: Sequence[str],
@@ -82,23 +98,59 @@ def read_columns(files: Sequence[str], names: Sequence[str],
   Raises:
     ValueError: a file cannot be read or parsed (naming it and the record reached).
   """
-  records = {path: read_records(path) for path in files}
-  every = [record for part in records.values() for record in part]
-  try:
-    parts = [features_lib.parse_examples(tf.constant(every[start:start + _PARSE_BATCH]),
-                                         names, max_history=max_history)
-             for start in range(0, len(every), _PARSE_BATCH)]
-  except tf.errors.InvalidArgumentError as e:
-    for path, part in records.items():  # which file: parse each record alone
-      for number, record in enumerate(part):
-        try:
-          features_lib.parse_examples(tf.constant([record]), names, max_history=max_history)
-        except tf.errors.InvalidArgumentError as error:
-          raise ValueError(f"{path}: record {number} is not a valid Example: "
-                           f"{error.message}") from e
-    raise ValueError(f"{files[0]} and {len(files) - 1} more: unparsable: {e.message}") from e
-  return {name: corpus_lib.concat_padded([p[name].numpy() for p in parts]) if parts
+  parts = list(iter_columns(files, names, max_history))
+  return {name: corpus_lib.concat_padded([p[name] for p in parts]) if parts
           else corpus_lib.empty_column(name) for name in names}
+
+
+def iter_columns(files: Sequence[str], names: Sequence[str],
+                 max_history: int = features_lib.MAX_HISTORY,
+                 chunk: int = _PARSE_BATCH) -> Iterator[dict[str, np.ndarray]]:
+  """`read_columns`, `chunk` records at a time (the last fewer; none for no records):
+  only one chunk's records and columns are held, whatever the files hold. A 2-D
+  column is as wide as the widest value of its chunk.
+
+  Raises:
+    ValueError: as `read_columns`, once the chunk holding the damage is reached.
+  """
+  if chunk < 1:
+    raise ValueError(f"chunk must be positive, got {chunk}")
+  pending: list[bytes] = []
+  spans: list[tuple[int, str, int]] = []  # where each file starts in pending (_parse)
+  for path in files:
+    for number, record in enumerate(iter_records(path)):
+      if not pending or spans[-1][1] != path:
+        spans.append((len(pending), path, number))
+      pending.append(record)
+      if len(pending) == chunk:
+        yield _parse(pending, spans, names, max_history)
+        pending, spans = [], []
+  if pending:
+    yield _parse(pending, spans, names, max_history)
+
+
+def _parse(records: list[bytes], spans: Sequence[tuple[int, str, int]],
+           names: Sequence[str], max_history: int) -> dict[str, np.ndarray]:
+  """The columns of `records`; `spans` says where they come from: (index in
+  `records`, file, record number in the file) of each file's first one.
+
+  Raises:
+    ValueError: a record is not a valid Example (naming its file and number).
+  """
+  try:
+    return {name: value.numpy() for name, value in features_lib.parse_examples(
+        tf.constant(records), names, max_history=max_history).items()}
+  except _PARSE_ERRORS as e:
+    starts = [start for start, _, _ in spans]
+    for at, record in enumerate(records):  # which record: parse each alone
+      try:
+        features_lib.parse_examples(tf.constant([record]), names, max_history=max_history)
+      except _PARSE_ERRORS as error:
+        start, path, number = spans[bisect.bisect_right(starts, at) - 1]
+        raise ValueError(f"{path}: record {number + at - start} is not a valid Example: "
+                         f"{getattr(error, 'message', error)}") from e
+    raise ValueError(f"{spans[0][1]} and {len(spans) - 1} more: unparsable: "
+                     f"{getattr(e, 'message', e)}") from e
 
 
 def read_records(path: str) -> list[bytes]:
@@ -108,31 +160,40 @@ def read_records(path: str) -> list[bytes]:
     ValueError: the file is not whole gzip, or a record is truncated or corrupt
       (naming the file and the record).
   """
-  with tf.io.gfile.GFile(path, "rb") as f:
-    raw = f.read()
-  try:
-    content = gzip.decompress(raw)
-  except (OSError, EOFError, zlib.error) as e:
-    raise ValueError(f"{path}: not a whole gzip file: {e}") from e
-  records: list[bytes] = []
-  at = 0
-  while at < len(content):
-    where = f"{path}: record {len(records)} (byte {at} uncompressed)"
-    if at + _LENGTH.size > len(content):
-      raise ValueError(f"{where}: truncated length")
-    length, crc = _LENGTH.unpack_from(content, at)
-    if tfrecord.masked_crc32c(content[at:at + 8]) != crc:
-      raise ValueError(f"{where}: corrupt length (CRC mismatch)")
-    start = at + _LENGTH.size
-    end = start + length
-    if end + _CRC.size > len(content):
-      raise ValueError(f"{where}: truncated ({length} bytes announced)")
-    record = content[start:end]
-    if tfrecord.masked_crc32c(record) != _CRC.unpack_from(content, end)[0]:
-      raise ValueError(f"{where}: corrupt data (CRC mismatch)")
-    records.append(record)
-    at = end + _CRC.size
-  return records
+  return list(iter_records(path))
+
+
+def iter_records(path: str) -> Iterator[bytes]:
+  """`read_records`, one record at a time: the file is decompressed as it is read.
+
+  Raises:
+    ValueError: as `read_records`, once the damage is reached.
+  """
+  with tf.io.gfile.GFile(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as f:
+    number, at = 0, 0
+
+    def read(size: int) -> bytes:
+      try:
+        return f.read(size)
+      except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: not a whole gzip file: {e}") from e
+
+    while head := read(_LENGTH.size):
+      where = f"{path}: record {number} (byte {at} uncompressed)"
+      if len(head) < _LENGTH.size:
+        raise ValueError(f"{where}: truncated length")
+      length, crc = _LENGTH.unpack(head)
+      if tfrecord.masked_crc32c(head[:8]) != crc:
+        raise ValueError(f"{where}: corrupt length (CRC mismatch)")
+      record = read(length)
+      check = read(_CRC.size)
+      if len(record) < length or len(check) < _CRC.size:
+        raise ValueError(f"{where}: truncated ({length} bytes announced)")
+      if tfrecord.masked_crc32c(record) != _CRC.unpack(check)[0]:
+        raise ValueError(f"{where}: corrupt data (CRC mismatch)")
+      yield record
+      number += 1
+      at += _LENGTH.size + length + _CRC.size
 
 
 def list_days(workdir: str,
@@ -645,41 +706,7 @@ class SeenItems:
   def build(cls, events: Mapping[str, np.ndarray], vocab: _Vocab, prior_rows: np.ndarray,
             prior_items: np.ndarray) -> "SeenItems":
     """From the day's events and each event's prior items (indices of `vocab`)."""
-    known, extra = vocab.index, {}
-    base = len(known)
-
-    def index_of(ids: list[bytes]) -> np.ndarray:  # the day's new ids after the known
-      return np.fromiter((k if (k := known.get(i)) is not None
-                          else extra.setdefault(i, base + len(extra)) for i in ids),
-                         np.int64, len(ids))
-
-    users = events["user_id"].tolist()
-    num = len(users)
-    target = index_of(events["item_id"].tolist())
-    history = events["history_item_ids"]
-    if history.ndim < 2:
-      history = history.reshape(num, 0)
-    listed = history != b""
-    history_rows = np.nonzero(listed)[0]
-    history_items = index_of(history[listed].tolist())
-    # The user's earlier events of the day: grouped by user, in event order.
-    groups: dict[bytes, int] = {}
-    group = np.fromiter((groups.setdefault(u, len(groups)) for u in users), np.int64, num)
-    order = np.argsort(group, kind="stable")
-    first = np.ones(num, bool)
-    first[1:] = group[order][1:] != group[order][:-1]
-    begins = np.maximum.accumulate(np.where(first, np.arange(num), 0))
-    before = np.arange(num) - begins
-    today_rows = np.repeat(order, before)
-    today_items = target[order[_ranges(begins, before)]]
-    size = max(base + len(extra), 1)
-    keys = np.unique(np.concatenate([
-        np.asarray(prior_rows, np.int64) * size + np.asarray(prior_items, np.int64),
-        history_rows * size + history_items, today_rows * size + today_items]))
-    event, item = keys // size, keys % size
-    names = np.concatenate([vocab.names, np.array(list(extra), object).reshape(-1)])
-    return cls(event=event, item=item, names=names, target=target,
-               starts=np.searchsorted(event, np.arange(num + 1)))
+    return DaySeen(vocab).add(events, prior_rows, prior_items)
 
   @classmethod
   def of(cls, events: Mapping[str, np.ndarray], training: TrainingInteractions
@@ -720,6 +747,75 @@ class SeenItems:
     names = self.names
     return [frozenset(names[self.item[s:e]].tolist())
             for s, e in zip(self.starts[:-1].tolist(), self.starts[1:].tolist())]
+
+
+class DaySeen:
+  """SeenItems of a day's events read in chunks, one chunk after the other.
+
+  Each chunk's SeenItems are those of its events in `SeenItems.build` of the whole
+  day (rows are the chunk's): the user's earlier events of the day include those of
+  the earlier chunks, and the day's new ids keep their indices from one chunk to the
+  next (`names` only grows). What is kept between chunks is each user's distinct
+  items of the day so far, as sorted pair keys.
+  """
+
+  def __init__(self, vocab: _Vocab):
+    self._vocab = vocab
+    self._extra: dict[bytes, int] = {}        # the day's ids `vocab` lacks, after them
+    self._users: dict[bytes, int] = {}        # the day's users, in the order they came
+    self._today = np.zeros(0, np.int64)       # sorted pair keys (day's user, item)
+    self._names: Optional[np.ndarray] = None
+
+  @property
+  def names(self) -> np.ndarray:
+    """The ids by index: `vocab`'s, then the day's new ones so far (object)."""
+    if self._names is None or len(self._names) != len(self._vocab) + len(self._extra):
+      self._names = np.concatenate([self._vocab.names,
+                                    np.array(list(self._extra), object).reshape(-1)])
+    return self._names
+
+  def _index_of(self, ids: list[bytes]) -> np.ndarray:
+    known, extra, base = self._vocab.index, self._extra, len(self._vocab)
+    return np.fromiter((k if (k := known.get(i)) is not None
+                        else extra.setdefault(i, base + len(extra)) for i in ids),
+                       np.int64, len(ids))
+
+  def add(self, events: Mapping[str, np.ndarray], prior_rows: np.ndarray,
+          prior_items: np.ndarray) -> SeenItems:
+    """The next chunk's SeenItems, from its events and each event's prior items
+    (rows of the chunk, indices of `vocab`)."""
+    users = events["user_id"].tolist()
+    num = len(users)
+    target = self._index_of(events["item_id"].tolist())
+    history = events["history_item_ids"]
+    if history.ndim < 2:
+      history = history.reshape(num, 0)
+    listed = history != b""
+    history_rows = np.nonzero(listed)[0]
+    history_items = self._index_of(history[listed].tolist())
+    group = np.fromiter((self._users.setdefault(u, len(self._users)) for u in users),
+                        np.int64, num)
+    # The user's events of the earlier chunks.
+    starts, lengths = _slices(self._today, group)
+    earlier_rows = np.repeat(np.arange(num), lengths)
+    earlier_items = _seconds(self._today[_ranges(starts, lengths)])
+    # The user's earlier events of this chunk: grouped by user, in event order.
+    order = np.argsort(group, kind="stable")
+    first = np.ones(num, bool)
+    first[1:] = group[order][1:] != group[order][:-1]
+    begins = np.maximum.accumulate(np.where(first, np.arange(num), 0))
+    before = np.arange(num) - begins
+    today_rows = np.repeat(order, before)
+    today_items = target[order[_ranges(begins, before)]]
+    size = max(len(self._vocab) + len(self._extra), 1)
+    keys = np.unique(np.concatenate([
+        np.asarray(prior_rows, np.int64) * size + np.asarray(prior_items, np.int64),
+        history_rows * size + history_items, earlier_rows * size + earlier_items,
+        today_rows * size + today_items]))
+    self._today, _ = _merge(self._today, None, np.unique(_pair_keys(group, target)))
+    event, item = keys // size, keys % size
+    return SeenItems(event=event, item=item, names=self.names, target=target,
+                     starts=np.searchsorted(event, np.arange(num + 1)))
 
 
 def seen_sets(events: dict[str, np.ndarray],

@@ -103,15 +103,15 @@ def _examples_before(workdir, n):
 
 @pytest.fixture
 def reads(monkeypatch):
-  """The days whose examples are read, one entry per read."""
+  """The days whose examples are read, one entry per read (whole, or in chunks)."""
   days = []
-  real = records.read_columns
+  real = records.iter_columns
 
   def counting(files, *args, **kwargs):
     days.extend(sorted({os.path.basename(os.path.dirname(f)) for f in files}))
     return real(files, *args, **kwargs)
 
-  monkeypatch.setattr(records, "read_columns", counting)
+  monkeypatch.setattr(records, "iter_columns", counting)
   return days
 
 
