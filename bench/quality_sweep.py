@@ -13,8 +13,12 @@ shared by all runs) and then, per configuration and per day D in order:
 
 These are the daily job's exact-export figures without the SavedModel round
 trip; the baselines use evaluation.baselines on the same events, as the daily
-job's evaluation does. Flags: those of bench/quality.py (same protocol and split);
-figures are event-weighted means over the scored days of each half.
+job's evaluation does. The first run of a sweep (which scores the baselines) also
+splits recall over all events by whether the event's (user's last item, target)
+pair was co-visited before D ("by_pair": new_pair, seen_pair, seen_pair_twice),
+which is where co-visitation's figure comes from. Flags: those of bench/quality.py
+(same protocol and split); figures are event-weighted means over the scored days of
+each half.
 
   python bench/quality_sweep.py --dataset=movielens \
       --movielens_dir=../shared/data/ml-latest-small --through=validation \
@@ -122,8 +126,8 @@ def score_day(trainer: Trainer, data_root: str, day: dt.date, previous: dt.date,
   targets = events["item_id"]
   every = np.arange(len(targets))
   novel = np.flatnonzero([t not in s for t, s in zip(targets.tolist(), seen)])
-  result = {"recall": {"all": {"exact": _recall(model_ranks(trainer, events, corpus, None,
-                                                            every))},
+  all_ranks = model_ranks(trainer, events, corpus, None, every)
+  result = {"recall": {"all": {"exact": _recall(all_ranks)},
                        "seen_excluded": {"exact": _recall(model_ranks(
                            trainer, events, corpus, seen, novel))}},
             "scored_events": {"all": len(every), "seen_excluded": len(novel)}}
@@ -138,9 +142,45 @@ def score_day(trainer: Trainer, data_root: str, day: dt.date, previous: dt.date,
                                  ("seen_excluded", novel, [seen[i] for i in novel])):
       result["recall"][mode]["popularity"] = _recall(baselines.popularity_ranks(
           items, counts, targets[rows], excluded))
-      result["recall"][mode]["covisitation"] = _recall(baselines.covisitation_ranks(
-          items, recent, training.covisits, last[rows], targets[rows], excluded))
+      covisitation = baselines.covisitation_ranks(
+          items, recent, training.covisits, last[rows], targets[rows], excluded)
+      result["recall"][mode]["covisitation"] = _recall(covisitation)
+      if mode == "all":
+        result["by_pair"] = _by_pair(all_ranks, covisitation, _pair_counts(
+            training.covisits, last, targets))
   return result
+
+
+def _pair_counts(covisits: Any, last: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """How often each event's (user's last item, target) pair was co-visited before D."""
+  return np.array([covisits.get(a, {}).get(t, 0) if a else 0
+                   for a, t in zip(last.tolist(), targets.tolist())], np.int64)
+
+
+def _by_pair(model: np.ndarray, covisitation: np.ndarray, pairs: np.ndarray
+             ) -> dict[str, dict[str, Any]]:
+  """Recall over all events split by whether the event's pair was co-visited before
+  (at least once, at least twice) or not: where co-visitation's figure comes from."""
+  split = {"new_pair": pairs == 0, "seen_pair": pairs >= 1, "seen_pair_twice": pairs >= 2}
+  return {name: {"events": int(rows.sum()), "exact": _recall(model[rows]),
+                 "covisitation": _recall(covisitation[rows])}
+          for name, rows in split.items()}
+
+
+def weighted_by_pair(days: dict[str, dict[str, Any]], names: Sequence[str]
+                     ) -> dict[str, dict[str, Any]]:
+  """`_by_pair`'s figures as event-weighted means over the days `names`."""
+  scored = [days[d]["evaluate"]["by_pair"] for d in names
+            if "by_pair" in days.get(d, {}).get("evaluate", {})]
+  table: dict[str, dict[str, Any]] = {}
+  for split in ("new_pair", "seen_pair", "seen_pair_twice"):
+    events = sum(e[split]["events"] for e in scored)
+    table[split] = {"events": events}
+    for method in ("exact", "covisitation"):
+      table[split][method] = {
+          str(k): (sum(e[split][method][str(k)] * e[split]["events"] for e in scored
+                       if e[split]["events"]) / events if events else None) for k in KS}
+  return table
 
 
 def sweep_one(name: str, config: ModelConfig, data_root: str, out: str,
@@ -199,7 +239,12 @@ def main(argv: Sequence[str]) -> None:
                      "seconds": round(time.perf_counter() - start, 1),
                      **{half: quality.weighted_recall(days, names)
                         for half, names in halves.items() if any(d in days for d in names)},
+                     "by_pair": {half: weighted_by_pair(days, names)
+                                 for half, names in halves.items()
+                                 if any(d in days for d in names)},
                      "days": {d: v["evaluate"] for d, v in days.items() if "evaluate" in v}}
+    if n == 0:
+      print(name, "by pair", json.dumps(results[name]["by_pair"]), flush=True)
     print(name, json.dumps({h: results[name][h] for h in quality.HALVES
                             if h in results[name]}), flush=True)
     # Each run's figures as soon as it ends, beside its checkpoints.

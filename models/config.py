@@ -79,6 +79,11 @@ class ModelConfig:
       the shared id_embedding_dim-wide id embedding. On by default, with
       replay_days = 4, epochs_per_day = 2 and uniform_negatives = 256: together
       they won every validation figure on both datasets (README, issue 13).
+    transition_scale: s > 0 multiplies both transition tables' vectors before they
+      are added: s times their initial size and, as Adagrad's steps do not depend
+      on the gradient's scale, about s times their learning rate, so that a pair
+      seen once or twice moves the score more (memorisation, as co-visitation's
+      counts do).
     transition_reverse_weight: w > 0 (needs transition_embeddings) adds w x an
       in-batch softmax over the transition tables alone, with each example's pair
       reversed: its item as the seed, its seed as the target
@@ -149,6 +154,7 @@ class ModelConfig:
   seed_residual: bool = True
   transition_embeddings: bool = True
   transition_reverse_weight: float = 0.0
+  transition_scale: float = 1.0
   temperature: float = 0.05
   max_history: int = MAX_HISTORY
   batch_size: int = 1024
@@ -207,6 +213,8 @@ class ModelConfig:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     if not self.distill_weight >= 0:
       raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+    if not self.transition_scale > 0:
+      raise ValueError(f"transition_scale must be > 0, got {self.transition_scale}")
     if not self.transition_reverse_weight >= 0:
       raise ValueError("transition_reverse_weight must be >= 0, got "
                        f"{self.transition_reverse_weight}")

@@ -69,6 +69,7 @@ class QueryTower(tf.keras.Model):
         tf.keras.layers.Dense(config.embedding_dim, use_bias=False, name="seed_residual",
                               kernel_initializer=residual_init)
         if config.seed_residual else None)
+    self.transition_scale = config.transition_scale
     self.seed_transition = (
         layers.HashedEmbedding(config.item_buckets, config.embedding_dim,
                                seed=config.seed + 102, name="seed_transition")
@@ -111,7 +112,8 @@ class QueryTower(tf.keras.Model):
     if self.seed_residual is not None:
       residuals.append(self.seed_residual(seed))
     if self.seed_transition is not None:
-      residuals.append(self.seed_transition(features["seed_item_id"]))
+      residuals.append(self.transition_scale
+                       * self.seed_transition(features["seed_item_id"]))
     residual = tf.math.add_n(residuals) if residuals else None
     return self.mlp(tf.concat(inputs, axis=-1), residual=residual)
 
@@ -136,6 +138,7 @@ class CandidateTower(tf.keras.Model):
     self.topic_mean = layers.WeightedMean(name="topic_mean")
     self.mlp = layers.NormalizedMLP(config.candidate_hidden, config.embedding_dim,
                                     seed=config.seed + 200, name="candidate_mlp")
+    self.transition_scale = config.transition_scale
     self.item_transition = (
         layers.HashedEmbedding(config.item_buckets, config.embedding_dim,
                                seed=config.seed + 202, name="item_transition")
@@ -151,6 +154,6 @@ class CandidateTower(tf.keras.Model):
         self.topic_mean(self.topic_embedding(topics), weights),
         tf.math.log1p(duration)[:, tf.newaxis],
     ]
-    residual = (self.item_transition(features["item_id"])
+    residual = (self.transition_scale * self.item_transition(features["item_id"])
                 if self.item_transition is not None else None)
     return self.mlp(tf.concat(inputs, axis=-1), residual=residual)

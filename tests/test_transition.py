@@ -42,21 +42,22 @@ def _unit(x: np.ndarray) -> np.ndarray:
   return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("encoder", ["mean", "attention"])
-def test_transition_tables_are_linear_paths_around_the_mlps(encoder):
-  model = _built(CONFIG.replace(query_encoder=encoder))
+@pytest.mark.parametrize("encoder,scale", [("mean", 1.0), ("attention", 1.0),
+                                           ("mean", 3.0)])
+def test_transition_tables_are_linear_paths_around_the_mlps(encoder, scale):
+  model = _built(CONFIG.replace(query_encoder=encoder, transition_scale=scale))
   _zero_projections(model)
   query, candidate = model.query_tower, model.candidate_tower
   rows = [{"user_id": "u", "seed_item_id": "s1", "history_item_ids": ["a", "b"]},
           {"user_id": "v", "seed_item_id": "s2", "device": "tv"}]
   seeds = tf.constant(["s1", "s2"])
   want = (query.item_embedding(seeds).numpy() @ query.seed_residual.kernel.numpy()
-          + query.seed_transition(seeds).numpy())
+          + scale * query.seed_transition(seeds).numpy())
   np.testing.assert_allclose(query_lib.query(model, rows), _unit(want), atol=1e-6)
   items = query_lib.parsed([{"item_id": "i1", "item_channel_id": "c"},
                             {"item_id": "i2", "item_topics": ["t"]}])
   np.testing.assert_allclose(candidate(items).numpy(),
-                             _unit(candidate.item_transition(items["item_id"]).numpy()),
+                             _unit(scale * candidate.item_transition(items["item_id"]).numpy()),
                              atol=1e-6)
   # An absent seed has no transition vector: the residual alone remains.
   absent = query.seed_transition(tf.constant([""])).numpy()
