@@ -21,6 +21,7 @@ machine; the first day, which traces and builds everything, is reported apart.
   python bench/daily_catchup.py --old_tree=/tmp/OLD --days=200
   python bench/daily_catchup.py --old_tree=/tmp/OLD --days=30 --out=/tmp/catchup
   python bench/daily_catchup.py --days=20 --profile=1   # this tree alone, profiled
+  python bench/daily_catchup.py --days=200 --keep_exports=2   # bounded disk
 
 Flags are plain --name=value (no absl: a worker must import only its own tree).
 """
@@ -46,6 +47,7 @@ _DEFAULTS = {
     "out": "/tmp/towerstream_catchup", "days": "200", "events_per_day": "500",
     "users": "943", "items": "1682", "new_items_per_day": "5", "batch_size": "128",
     "old_tree": "", "new_tree": _REPO, "window": "20", "profile": "0",
+    "keep_exports": "0",
 }
 
 
@@ -85,7 +87,7 @@ def code_trees(values: dict[str, str]) -> dict[str, str]:
 
 
 def worker(tree: str, raw: str, workdir: str, batch_size: int,
-           profile_to: Optional[str]) -> None:
+           profile_to: Optional[str], keep_exports: int = 0) -> None:
   """Runs the daily job of `tree`, one day per line read from stdin ("YYYY-MM-DD").
 
   Answers each day with one JSON line: the day's manifest records and the day's wall
@@ -102,7 +104,11 @@ def worker(tree: str, raw: str, workdir: str, batch_size: int,
                               os.path.join(raw, "catalog"))
   profiler = cProfile.Profile() if profile_to else None
   with workdir_lock.WorkdirLock(workdir):
-    job = daily_job.DailyJob(paths, config=ModelConfig(batch_size=batch_size))
+    # Pruning old versions (`--keep_exports`, a tree that has it) bounds the disk.
+    settings = (daily_job.JobSettings(keep_exports=keep_exports) if keep_exports
+                else daily_job.JobSettings())
+    job = daily_job.DailyJob(paths, settings=settings,
+                             config=ModelConfig(batch_size=batch_size))
     for line in sys.stdin:
       day = dt.date.fromisoformat(line.strip())
       wall, cpu = time.perf_counter(), time.process_time()
@@ -123,7 +129,7 @@ def worker(tree: str, raw: str, workdir: str, batch_size: int,
 
 
 def run_trees(trees: dict[str, str], raw: str, out: str, batch_size: int,
-              profile: bool) -> dict[str, list[dict[str, Any]]]:
+              profile: bool, keep_exports: int = 0) -> dict[str, list[dict[str, Any]]]:
   """Catches up every day of `raw` with each tree, the trees taking turns per day."""
   dates = sorted(os.listdir(os.path.join(raw, "logs")))
   workers = {}
@@ -131,7 +137,8 @@ def run_trees(trees: dict[str, str], raw: str, out: str, batch_size: int,
     workdir = os.path.join(out, f"workdir-{name}")
     shutil.rmtree(workdir, ignore_errors=True)
     command = [sys.executable, os.path.abspath(__file__), "--worker=1", f"--tree={tree}",
-               f"--raw={raw}", f"--workdir={workdir}", f"--batch_size={batch_size}"]
+               f"--raw={raw}", f"--workdir={workdir}", f"--batch_size={batch_size}",
+               f"--keep_exports={keep_exports}"]
     if profile and name == "new":
       command.append(f"--profile_to={os.path.join(out, 'profile-new.txt')}")
     workers[name] = subprocess.Popen(
@@ -236,15 +243,17 @@ def table(figures: dict[str, dict[str, Any]], events_per_day: int) -> str:
 def main(argv: Sequence[str]) -> None:
   if "--worker=1" in argv:
     values = parse_flags([a for a in argv if a != "--worker=1"], {
-        "tree": "", "raw": "", "workdir": "", "batch_size": "128", "profile_to": ""})
+        "tree": "", "raw": "", "workdir": "", "batch_size": "128", "profile_to": "",
+        "keep_exports": "0"})
     worker(values["tree"], values["raw"], values["workdir"], int(values["batch_size"]),
-           values["profile_to"] or None)
+           values["profile_to"] or None, int(values["keep_exports"]))
     return
   values = parse_flags(argv, _DEFAULTS)
   out, events = values["out"], int(values["events_per_day"])
   raw = synthetic_days(values)
   trees = code_trees(values)
-  results = run_trees(trees, raw, out, int(values["batch_size"]), values["profile"] == "1")
+  results = run_trees(trees, raw, out, int(values["batch_size"]), values["profile"] == "1",
+                      int(values["keep_exports"]))
   figures = {name: summarize(days_, int(values["window"]))
              for name, days_ in results.items()}
   text = table(figures, events)

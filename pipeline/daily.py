@@ -69,6 +69,9 @@ _RANKER_OVERRIDES = flags.DEFINE_string(
     "ranker_overrides", None, "With --ranker: JSON object of RankerConfig fields, "
     "e.g. '{\"negatives\": 8}' (default: W/ranker/config.json, else sized like the "
     "two-tower).")
+_KEEP_EXPORTS = flags.DEFINE_integer(
+    "keep_exports", _JOB.keep_exports, "Keep only the newest N versions of each export "
+    "after a day's export (0: keep all).", lower_bound=0)
 _MAX_DEAD = flags.DEFINE_float(
     "max_dead_letter_rate", _JOB.max_dead_letter_rate,
     "Fail a day whose dead-letter lines exceed this fraction of its input lines.")
@@ -163,7 +166,8 @@ def main(argv: Sequence[str]) -> None:
         settings=daily_job.JobSettings(force=_FORCE.value,
                                        max_dead_letter_rate=_MAX_DEAD.value,
                                        skip_missing_days=_SKIP_MISSING.value,
-                                       ranker=_RANKER.value, ranker_config=ranker_config),
+                                       ranker=_RANKER.value, ranker_config=ranker_config,
+                                       keep_exports=_KEEP_EXPORTS.value),
         config=config,
         beam=beam_day.BeamSettings(allow_missing_history=_ALLOW_MISSING_HISTORY.value,
                                    max_skew_s=_MAX_SKEW_S.value,

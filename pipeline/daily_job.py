@@ -89,12 +89,20 @@ class JobSettings:
       score the two-stage funnel in the evaluation.
     ranker_config: the teacher's config (None: W/ranker/config.json, else
       RankerConfig.like the two-tower's).
+    keep_exports: N > 0 keeps only the newest N versions of each export (the
+      retrieval variants and the teacher's) after each day's export; 0 keeps all.
+      A forced re-run of a day whose export before it is gone fails naming it.
   """
   force: bool = False
   max_dead_letter_rate: float = 0.05
   skip_missing_days: bool = False
   ranker: bool = False
   ranker_config: Optional[ranker_lib.RankerConfig] = None
+  keep_exports: int = 0
+
+  def __post_init__(self):
+    if self.keep_exports < 0:
+      raise ValueError(f"keep_exports must be >= 0, got {self.keep_exports}")
 
 
 def log_partitions(logs_root: str) -> set[dt.date]:
@@ -347,7 +355,17 @@ class DailyJob:
       raise DayFailed(f"{day}: cannot export: {e}") from e
     return {"version": result["version"], "scann_dir": result["scann_dir"],
             "exact_dir": result["exact_dir"],
-            "ann_recall_at_10": result["metadata"]["ann"]["recall_at_10"]}
+            "ann_recall_at_10": result["metadata"]["ann"]["recall_at_10"],
+            **self._pruned(versions.SCANN_MODEL, versions.EXACT_MODEL)}
+
+  def _pruned(self, *models: str) -> dict[str, Any]:
+    """Applies `keep_exports` to the exports of `models`: {"pruned": versions} or {}."""
+    keep = self.settings.keep_exports
+    if not keep:
+      return {}
+    removed = sorted({v for model in models
+                      for v in versions.prune(self.workdir.exports_base(model), keep)})
+    return {"pruned": removed} if removed else {}
 
   def _rank(self, day: dt.date) -> dict[str, Any]:
     """Trains the teacher on D (negatives from the retrieval export labelled D, else
@@ -382,6 +400,7 @@ class DailyJob:
             min_version=self._ranker_high_water() + 1, state=self.ranker_exporting)
       except (NotADirectoryError, ValueError) as e:
         raise DayFailed(f"{day}: cannot export the ranker: {e}") from e
+      record["export"].update(self._pruned(ranker_export.RANKER_MODEL))
     return record
 
   def _ranker_high_water(self) -> int:

@@ -110,6 +110,25 @@ def publish(staged: str, base_dir: str, version: int) -> str:
   return target
 
 
+def prune(base_dir: str, keep: int) -> list[int]:
+  """Deletes all but the newest `keep` published versions under `base_dir`, oldest
+  first; returns the versions deleted. Staging directories are not touched.
+
+  TF Serving unloads a version whose directory goes (its default policy serves
+  the latest only). The numbers are never reused (`next_version`).
+
+  Raises:
+    ValueError: `keep` < 1 (the newest version is always kept).
+  """
+  if keep < 1:
+    raise ValueError(f"keep must be >= 1, got {keep}")
+  stale = list_versions(base_dir)[:-keep]
+  for version in stale:
+    logging.info("removing export %s/%d (keeping the newest %d)", base_dir, version, keep)
+    tf.io.gfile.rmtree(os.path.join(base_dir, str(version)))
+  return stale
+
+
 def metadata_path(export_dir: str) -> str:
   """<export_dir>/assets.extra/metadata.json."""
   return os.path.join(export_dir, ASSETS_EXTRA, METADATA_FILE)

@@ -424,3 +424,15 @@ def test_a_manifest_write_encodes_only_the_day_it_changes(tmp_path, monkeypatch)
   assert len(days) == 299 and days["2024-10-26"] == {"beam": record, "train": record}
   assert text == json.dumps({"days": days, "export_high_water": 0}, indent=1,
                             sort_keys=True)
+
+
+def test_keep_exports_prunes_older_versions_after_the_day_exports(workdir, tmp_path):
+  """Day 4 with --keep_exports=2: scored by version 3, exports 4, keeps 3 and 4."""
+  w = _copy(workdir, tmp_path)
+  proc = _daily(w, f"--date={DAY4}", "--keep_exports=2", *TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  day = _manifest(w)[DAY4]
+  assert day["export"]["version"] == 4 and day["export"]["pruned"] == [1, 2]
+  assert day["evaluate"]["export_version"] == 3
+  for model in ("retrieval_exact", "retrieval_scann"):
+    assert sorted(os.listdir(os.path.join(w, "exports", model))) == ["3", "4"]

@@ -316,3 +316,19 @@ def test_lookup_finds_each_id_in_its_own_row_first_column_first():
   assert not found.numpy().any() and (column.numpy() == -1).all()
   assert servable.lookup(tf.zeros([0, 3], tf.string),
                          tf.zeros([0, 0], tf.string))[1].shape == (0, 3)
+
+
+def test_prune_keeps_the_newest_versions_and_never_reuses_their_numbers(tmp_path):
+  base = str(tmp_path / "retrieval_exact")
+  for version in (1, 2, 3, 10):
+    os.makedirs(os.path.join(base, str(version), "variables"))
+  staged = versions.staging_dir(base, 11)
+  os.makedirs(staged)
+  assert versions.prune(base, 2) == [1, 2]
+  assert versions.list_versions(base) == [3, 10]
+  assert os.path.isdir(staged)  # an export in progress is not a version
+  assert versions.prune(base, 2) == []
+  assert versions.prune(base, 1) == [3] and versions.list_versions(base) == [10]
+  assert versions.next_version(base) == 11
+  with pytest.raises(ValueError, match="keep must be >= 1"):
+    versions.prune(base, 0)
