@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import tensorflow as tf
 
@@ -50,8 +50,40 @@ RUNTIME_FIELDS = frozenset({"batch_size", "learning_rate", "checkpoint_every_ste
                             "distill_candidates"})
 
 
+class DayConfig:
+  """What a frozen dataclass config of a workdir shares (ModelConfig, the ranker's):
+  a JSON-able dict, strict construction from one, the architecture fields on
+  which two configs differ (all but `runtime_fields`), and bound checks."""
+
+  runtime_fields: ClassVar[frozenset[str]] = frozenset()
+
+  def to_dict(self) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> Any:
+    """Builds a config; unknown keys are an error (a typo must not pass silently)."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**values)
+
+  def incompatibilities(self, other: "DayConfig") -> list[str]:
+    """The architecture fields on which `other` differs, as "name: a != b" lines."""
+    mine, theirs = self.to_dict(), other.to_dict()
+    return [f"{name}: {mine[name]!r} != {theirs[name]!r}" for name in sorted(mine)
+            if name not in self.runtime_fields and mine[name] != theirs[name]]
+
+  def require_at_least(self, bound: int, names: Sequence[str], prefix: str = "") -> None:
+    """Raises ValueError naming the first of `names` whose value is below `bound`."""
+    for name in names:
+      if getattr(self, name) < bound:
+        raise ValueError(f"{prefix}{name} must be >= {bound}, got {getattr(self, name)}")
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(DayConfig):
   """Sizes of the towers, the loss and the training loop.
 
   Attributes:
@@ -177,6 +209,7 @@ class ModelConfig:
   distill_weight: float = 0.0
   distill_temperature: float = 1.0
   distill_candidates: int = 0
+  runtime_fields: ClassVar[frozenset[str]] = RUNTIME_FIELDS
 
   def __post_init__(self):
     # JSON turns tuples into lists; keep the dataclass hashable and comparable.
@@ -199,18 +232,14 @@ class ModelConfig:
       raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
     if not self.temperature > 0:
       raise ValueError(f"temperature must be > 0, got {self.temperature}")
-    for name in ("embedding_dim", "id_embedding_dim", "feature_embedding_dim",
-                 "item_buckets", "user_buckets", "channel_buckets", "topic_buckets",
-                 "category_buckets", "max_history", "batch_size", "replay_days",
-                 "epochs_per_day", "attention_heads", "estimator_buckets",
-                 "estimator_hashes", "checkpoint_every_steps", "log_every_steps",
-                 "max_checkpoints"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("shuffle_buffer", "uniform_negatives", "distill_candidates",
-                 "replay_old_days"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+    self.require_at_least(1, (
+        "embedding_dim", "id_embedding_dim", "feature_embedding_dim", "item_buckets",
+        "user_buckets", "channel_buckets", "topic_buckets", "category_buckets",
+        "max_history", "batch_size", "replay_days", "epochs_per_day", "attention_heads",
+        "estimator_buckets", "estimator_hashes", "checkpoint_every_steps",
+        "log_every_steps", "max_checkpoints"))
+    self.require_at_least(0, ("shuffle_buffer", "uniform_negatives", "distill_candidates",
+                              "replay_old_days"))
     if not self.distill_weight >= 0:
       raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
     if not self.transition_scale > 0:
@@ -226,31 +255,12 @@ class ModelConfig:
   def replace(self, **changes: Any) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
 
-  def to_dict(self) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(self).items()}
-
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
   @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
-    """Builds a config; unknown keys are an error (a typo must not pass silently)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-      raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
-    return cls(**values)
-
-  @classmethod
   def from_json(cls, text: str) -> "ModelConfig":
     return cls.from_dict(json.loads(text))
-
-  def incompatibilities(self, other: "ModelConfig") -> list[str]:
-    """The architecture fields on which `other` differs, as "name: a != b" lines."""
-    mine, theirs = self.to_dict(), other.to_dict()
-    return [f"{name}: {mine[name]!r} != {theirs[name]!r}" for name in sorted(mine)
-            if name not in RUNTIME_FIELDS and mine[name] != theirs[name]]
 
 
 # The fields apps expose as flags of their own (the rest via --config_overrides):

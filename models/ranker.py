@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, ClassVar, Mapping, NamedTuple, Optional
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -43,7 +43,7 @@ import tensorflow_recommenders as tfrs
 from core import workdir as workdir_lib
 from models import features as features_lib
 from models import layers
-from models.config import ModelConfig
+from models.config import DayConfig, ModelConfig
 
 # Fields that may differ between days of one workdir's ranker.
 RUNTIME_FIELDS = frozenset({"batch_size", "learning_rate", "checkpoint_every_steps",
@@ -53,7 +53,7 @@ _KEY_SPACE = (1 << 63) - 1
 
 
 @dataclasses.dataclass(frozen=True)
-class RankerConfig:
+class RankerConfig(DayConfig):
   """Sizes of the ranker and its training, saved as W/ranker/config.json.
 
   Attributes:
@@ -95,15 +95,15 @@ class RankerConfig:
   checkpoint_every_steps: int = 500
   max_checkpoints: int = 3
   seed: int = 0
+  runtime_fields: ClassVar[frozenset[str]] = RUNTIME_FIELDS
 
   def __post_init__(self):
     object.__setattr__(self, "deep_hidden", tuple(int(w) for w in self.deep_hidden))
-    for name in ("id_embedding_dim", "feature_embedding_dim", "item_buckets",
-                 "user_buckets", "channel_buckets", "topic_buckets", "category_buckets",
-                 "negatives", "candidates_k", "max_history", "batch_size",
-                 "checkpoint_every_steps", "max_checkpoints"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"RankerConfig.{name} must be >= 1, got {getattr(self, name)}")
+    self.require_at_least(1, (
+        "id_embedding_dim", "feature_embedding_dim", "item_buckets", "user_buckets",
+        "channel_buckets", "topic_buckets", "category_buckets", "negatives",
+        "candidates_k", "max_history", "batch_size", "checkpoint_every_steps",
+        "max_checkpoints"), prefix="RankerConfig.")
     if self.cross_layers < 0 or self.cross_projection_dim < 0:
       raise ValueError("RankerConfig.cross_layers and cross_projection_dim must be >= 0")
     if self.optimizer not in ("adagrad", "adam"):
@@ -121,24 +121,6 @@ class RankerConfig:
         "id_embedding_dim", "feature_embedding_dim", "item_buckets", "user_buckets",
         "channel_buckets", "topic_buckets", "category_buckets", "max_history", "seed")}
     return cls(**{**shared, **overrides})
-
-  def to_dict(self) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(self).items()}
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> "RankerConfig":
-    """Builds a config; an unknown key is an error."""
-    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown RankerConfig fields: {sorted(unknown)}")
-    return cls(**values)
-
-  def incompatibilities(self, other: "RankerConfig") -> list[str]:
-    """The fields but RUNTIME_FIELDS on which `other` differs, as "name: a != b"."""
-    mine, theirs = self.to_dict(), other.to_dict()
-    return [f"{name}: {mine[name]!r} != {theirs[name]!r}" for name in sorted(mine)
-            if name not in RUNTIME_FIELDS and mine[name] != theirs[name]]
 
 
 def ranker_dir(workdir: str) -> str:

@@ -200,15 +200,16 @@ def test_the_default_tower_is_mean_with_the_seed_residual():
   assert [n for n in names if "seed_residual" in n], names
 
 
-def test_a_config_saved_before_the_residual_keeps_the_old_tower(tmp_path):
-  """W/config.json written before `seed_residual` existed reads as False (the model
-  its checkpoints hold), while a new config gets the new default."""
+@pytest.mark.parametrize("field", ["seed_residual", "transition_embeddings"])
+def test_a_config_saved_before_the_field_keeps_the_old_towers(tmp_path, field):
+  """W/config.json written before `field` existed reads as False (the model its
+  checkpoints hold), while a new config gets the new default."""
   saved = ModelConfig().to_dict()
-  del saved["seed_residual"]
+  del saved[field]
   path = tmp_path / "config.json"
   path.write_text(json.dumps(saved))
-  assert config_lib.read_config(str(path)).seed_residual is False
-  assert ModelConfig().seed_residual is True
+  assert getattr(config_lib.read_config(str(path)), field) is False
+  assert getattr(ModelConfig(), field) is True
   config_lib.write_config(ModelConfig(), str(path))
   assert config_lib.read_config(str(path)) == ModelConfig()
   path.write_text("[1, 2]")

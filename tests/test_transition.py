@@ -4,7 +4,7 @@ their reversed-pair loss (transition_reverse_weight, models/transition.py).
 The seed's and the candidate's own tables must be plain linear paths into their
 towers' outputs, serve what they train (an export loaded in a fresh process
 gives the in-memory embeddings), and a workdir whose config predates the field
-must keep the towers its checkpoints hold.
+must keep the towers its checkpoints hold (tests/test_query_tower.py).
 """
 
 import json
@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models import config as config_lib
 from models import features
 from models.config import ModelConfig
 from models import transition
@@ -95,17 +94,6 @@ def test_the_transition_towers_serve_what_they_train(tmp_path):
       tf.zeros_like(model.query_tower.seed_transition.embedding.embeddings))
   without = model.query_tower(query_lib.parsed(rows), training=True).numpy()
   assert np.abs(served - without).max() > 1e-3
-
-
-def test_a_config_saved_before_the_field_keeps_the_old_towers(tmp_path):
-  saved = ModelConfig().to_dict()
-  del saved["transition_embeddings"]
-  path = tmp_path / "config.json"
-  path.write_text(json.dumps(saved))
-  assert config_lib.read_config(str(path)).transition_embeddings is False
-  assert ModelConfig().transition_embeddings is True
-  config_lib.write_config(ModelConfig(), str(path))
-  assert config_lib.read_config(str(path)) == ModelConfig()
 
 
 SEEDS = [b"x", b"y", b"", b"x", b"z"]  # row 2 has no seed; rows 0 and 3 share one
