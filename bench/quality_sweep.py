@@ -239,11 +239,11 @@ def main(argv: Sequence[str]) -> None:
                      "seconds": round(time.perf_counter() - start, 1),
                      **{half: quality.weighted_recall(days, names)
                         for half, names in halves.items() if any(d in days for d in names)},
-                     "by_pair": {half: weighted_by_pair(days, names)
-                                 for half, names in halves.items()
-                                 if any(d in days for d in names)},
                      "days": {d: v["evaluate"] for d, v in days.items() if "evaluate" in v}}
-    if n == 0:
+    if n == 0:  # the run that scored the baselines
+      results[name]["by_pair"] = {half: weighted_by_pair(days, names)
+                                  for half, names in halves.items()
+                                  if any(d in days for d in names)}
       print(name, "by pair", json.dumps(results[name]["by_pair"]), flush=True)
     print(name, json.dumps({h: results[name][h] for h in quality.HALVES
                             if h in results[name]}), flush=True)

@@ -26,8 +26,7 @@ from __future__ import annotations
 from typing import Optional
 
 import tensorflow as tf
-
-_MASKED = -1e9
+import tensorflow_recommenders as tfrs
 
 
 def reverse_transition_loss(seed_vectors: tf.Tensor, seed_candidate_vectors: tf.Tensor,
@@ -43,7 +42,7 @@ def reverse_transition_loss(seed_vectors: tf.Tensor, seed_candidate_vectors: tf.
     temperature: divides the cosine, as in the main loss.
     sample_weight: [B], the rows' rewards.
     probability: [B] sampling probability of each seed as an item, or None (no
-      correction); clipped to [1e-6, 1] like TFRS's.
+      correction); TFRS's correction, which clips it to [1e-6, 1].
 
   Returns:
     Scalar: the sum over rows (the caller divides by the batch's rows).
@@ -52,14 +51,15 @@ def reverse_transition_loss(seed_vectors: tf.Tensor, seed_candidate_vectors: tf.
   columns = tf.math.l2_normalize(seed_candidate_vectors, axis=-1)
   logits = tf.linalg.matmul(rows, columns, transpose_b=True) / temperature
   if probability is not None:
-    logits -= tf.math.log(tf.clip_by_value(probability, 1e-6, 1.0))[tf.newaxis, :]
+    logits = tfrs.layers.loss.SamplingProbablityCorrection()(logits, probability)
   index = tf.unique(seed_ids).idx
   present = seed_ids != ""
   same_seed = tf.equal(index[:, tf.newaxis], index[tf.newaxis, :])
   diagonal = tf.eye(tf.shape(logits)[0], dtype=tf.bool)
   masked = tf.logical_or(tf.logical_and(same_seed, tf.logical_not(diagonal)),
                          tf.logical_not(present)[tf.newaxis, :])
-  logits = tf.where(masked, tf.cast(_MASKED, logits.dtype), logits)
+  # TFRS's value for a masked logit (RemoveAccidentalHits), as models/distill.py.
+  logits = tf.where(masked, tf.constant(tfrs.layers.loss.MIN_FLOAT, logits.dtype), logits)
   log_probs = tf.linalg.diag_part(tf.nn.log_softmax(logits, axis=-1))
   weight = tf.cast(sample_weight, logits.dtype) * tf.cast(present, logits.dtype)
   return -tf.reduce_sum(weight * log_probs)
