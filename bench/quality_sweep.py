@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence
 from absl import app
 from absl import flags
 import numpy as np
+import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,6 +48,7 @@ from evaluation import baselines  # noqa: E402
 from evaluation import recall  # noqa: E402
 from evaluation import records  # noqa: E402
 from models import features  # noqa: E402
+from models import memory  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.trainer import Trainer  # noqa: E402
 from pipeline import beam_day  # noqa: E402
@@ -84,8 +86,10 @@ def _embed(tower, columns: dict[str, np.ndarray], names: Sequence[str]) -> np.nd
 
 def model_ranks(trainer: Trainer, events: dict[str, np.ndarray], corpus: dict[str, np.ndarray],
                 seen: Optional[list[frozenset[bytes]]], rows: np.ndarray) -> np.ndarray:
-  """0-based rank of each selected event's target by <u, v> over the corpus, MISS if
-  the target is not in it; items in the event's seen set are skipped."""
+  """0-based rank of each selected event's target by the model's score over the
+  corpus (<u, v> / temperature, plus the pair memory's bonus where the model has
+  one, as its exports rank), MISS if the target is not in it; items in the event's
+  seen set are skipped."""
   model = trainer.model
   items = corpus["item_id"]
   index = {item: i for i, item in enumerate(items.tolist())}
@@ -95,7 +99,12 @@ def model_ranks(trainer: Trainer, events: dict[str, np.ndarray], corpus: dict[st
     batch = rows[start:start + _ROWS]
     queries = _embed(model.query_tower, {k: events[k][batch] for k in features.QUERY_FEATURES},
                      features.QUERY_FEATURES)
-    scores = queries @ candidates.T
+    scores = queries @ candidates.T / trainer.config.temperature
+    if model.memory is not None:
+      history = tf.constant(events["history_item_ids"][batch])
+      scores += model.memory(
+          memory.anchor_ids(tf.constant(events["seed_item_id"][batch]), history),
+          tf.constant(items), history).numpy()
     for j, event in enumerate(batch.tolist()):
       target = index.get(events["item_id"][event])
       if target is None:

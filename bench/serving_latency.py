@@ -59,6 +59,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from models import features  # noqa: E402
+from models import memory  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.retrieval import TwoTowerModel  # noqa: E402
 from serving import index  # noqa: E402
@@ -73,6 +74,8 @@ _BATCHES = flags.DEFINE_integer("batches", 20, "Batches of the throughput test."
 _RECALL_QUERIES = flags.DEFINE_integer("recall_queries", 1000,
                                        "Held-out queries of the tuning and recall check (in hundreds).")
 _MIN_RECALL = flags.DEFINE_float("min_ann_recall", 0.95, "Recall bar of the tuning.")
+_PARTNERS = flags.DEFINE_integer("memory_partners", 100, "Partners of each request's "
+                                 "seed in the pair-memory variant's table.")
 _NARROW = flags.DEFINE_float("ann_narrow_tolerance", 0.001, "The new code's export is "
                              "also saved narrowed (`scann_narrow`): the leaves searched "
                              "halved while recall stays within this of the setting that "
@@ -92,6 +95,7 @@ _STEP_STATS = flags.DEFINE_string("step_stats", None, "Internal: the child proce
 Request = dict[str, tf.Tensor]
 VARIANTS = ("scann", "exact")
 NARROW = "scann_narrow"
+MEMORY = "scann_memory"
 
 
 def strengthen_item_ids(model: TwoTowerModel, seed: int = 0) -> None:
@@ -115,6 +119,20 @@ def strengthen_item_ids(model: TwoTowerModel, seed: int = 0) -> None:
     raise ValueError("the query tower has no item_id_embedding variable to strengthen")
   for variable in tables:
     variable.assign(tf.random.normal(variable.shape))
+
+
+def memory_table(seeds: np.ndarray, num_items: int, partners: int, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """A pair memory's serving table (models.memory.PairMemory.serving_table's form):
+  each of `seeds` has `partners` distinct random corpus rows, bonuses in (0, 6]."""
+  rng = np.random.default_rng(seed)
+  keys = memory.fingerprints(tf.constant(seeds)).numpy()
+  order = np.argsort(keys)
+  partners = min(partners, num_items)
+  rows = np.stack([rng.choice(num_items, partners, replace=False)
+                   for _ in range(len(seeds))]).astype(np.int32)
+  bonus = rng.uniform(0.0, 6.0, size=rows.shape).astype(np.float32)
+  return keys[order], rows[order], bonus[order]
 
 
 def item_embeddings(centres: np.ndarray, num: int, noise: float = 0.6,
@@ -192,12 +210,14 @@ def saved_model_mb(path: str) -> float:
 
 def save_variants(model: TwoTowerModel, config: ModelConfig, item_ids: np.ndarray,
                   embeddings: np.ndarray, params: index.ScannParams, layer: Any,
-                  out_dir: str, prefix: str, narrowed: Any = None) -> dict[str, str]:
+                  out_dir: str, prefix: str, narrowed: Any = None,
+                  table: Any = None) -> dict[str, str]:
   """Saves the two variants with this process's `serving` code; their paths.
 
   Uses only the constructors both the old and the new code have. `narrowed`: the
   index searching fewer leaves (index.tune_scann's narrowing), saved as a third
-  variant, NARROW.
+  variant, NARROW. `table`: a pair memory's table (`memory_table`), merged by a
+  fourth variant, MEMORY: the ScaNN export of a model with a pair memory.
   """
   common = dict(query_tower=model.query_tower, candidate_tower=model.candidate_tower,
                 item_ids=item_ids, item_embeddings=embeddings,
@@ -212,6 +232,11 @@ def save_variants(model: TwoTowerModel, config: ModelConfig, item_ids: np.ndarra
     retrievers[NARROW] = servable.ScannRetriever(
         index=narrowed, num_reordering_candidates=narrowed.params.num_reordering_candidates,
         **common)
+  if table is not None:
+    retrievers[MEMORY] = servable.ScannRetriever(
+        index=layer, num_reordering_candidates=params.num_reordering_candidates,
+        successors=table[1].shape[1], **common)
+    retrievers[MEMORY].assign_successors(*table)
   paths = {}
   for name, retriever in retrievers.items():
     paths[name] = os.path.join(out_dir, f"{prefix}_{name}")
@@ -287,6 +312,8 @@ class World:
     tuned: index.tune_scann's result, without narrowing: the parameters that met
       the bar (both trees' `scann` export).
     narrowed: that index narrowed (--ann_narrow_tolerance), or None.
+    memory: a pair memory's serving table in which every request's seed has
+      --memory_partners partners (`memory_table`).
     figures: what the world is (sizes, ScaNN parameters, build seconds).
   """
   model: TwoTowerModel
@@ -298,6 +325,7 @@ class World:
   held_out: list[Request]
   tuned: index.TunedScann
   narrowed: Any
+  memory: Any
   figures: dict[str, Any]
 
 
@@ -344,8 +372,10 @@ def make_world() -> World:
     figures["narrowed_tuning_recall_at_10"] = round(next(
         a["recall"]["10"] for a in tuned.attempts
         if a["params"] == dataclasses.asdict(narrowed.params)), 4)
+  table = memory_table(topics, num_items, _PARTNERS.value)
+  figures["memory_partners"] = _PARTNERS.value
   return World(model, config, tower, item_ids, embeddings, make_requests, held_out,
-               tuned, narrowed, figures)
+               tuned, narrowed, table, figures)
 
 
 def build(out_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -356,7 +386,7 @@ def build(out_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
   tower, make_requests, held_out, figures = (world.tower, world.make_requests,
                                              world.held_out, world.figures)
   paths = save_variants(model, config, item_ids, embeddings, tuned.params, tuned.layer,
-                        out_dir, "new", narrowed=world.narrowed)
+                        out_dir, "new", narrowed=world.narrowed, table=world.memory)
   if _OLD_TREE.value:
     inputs = _save_inputs(model, item_ids, embeddings, tuned.params, out_dir)
     env = {**os.environ, "SERVING_LATENCY_CODE": _old_code_root(_OLD_TREE.value, out_dir)}
@@ -415,6 +445,10 @@ def measure(built: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
       for stat in ("p50_ms", "p99_ms", "qps"):
         figures[f"{name}_new_over_old_{stat}"] = round(
             figures[f"{name}_{stat}"] / figures[f"old_{name}_{stat}"], 3)
+  if MEMORY in calls:
+    for stat in ("p50_ms", "p99_ms", "qps"):
+      figures[f"{MEMORY}_over_scann_{stat}"] = round(
+          figures[f"{MEMORY}_{stat}"] / figures[f"scann_{stat}"], 3)
   for old in ("scann", "old_scann"):
     if NARROW in calls and old in calls:
       for stat in ("p50_ms", "p99_ms", "qps"):
@@ -483,7 +517,7 @@ def report(figures: dict[str, Any]) -> None:
   print(f"\nserving_default over {figures['num_items']:,} x {figures['dim']}, "
         f"k={figures['k']}, {figures['cpus']} CPUs")
   print(f"{'':<28}{'p50 ms':>9}{'p99 ms':>9}{'qps@' + str(_BATCH.value):>11}{'MB':>8}")
-  for name in ("scann", "old_scann", NARROW, "exact", "old_exact"):
+  for name in ("scann", "old_scann", NARROW, MEMORY, "exact", "old_exact"):
     if f"{name}_p50_ms" in figures:
       print(f"{name + ' SavedModel':<28}{figures[name + '_p50_ms']:>9.3f}"
             f"{figures[name + '_p99_ms']:>9.3f}{figures[name + '_qps']:>11.1f}"
@@ -504,6 +538,11 @@ def report(figures: dict[str, Any]) -> None:
       print(f"{NARROW} / {old}: p50 {figures[f'{NARROW}_over_{old}_p50_ms']}, p99 "
             f"{figures[f'{NARROW}_over_{old}_p99_ms']}, qps "
             f"{figures[f'{NARROW}_over_{old}_qps']}")
+  if f"{MEMORY}_over_scann_p50_ms" in figures:
+    print(f"{MEMORY} / scann ({figures['memory_partners']} partners merged per query): "
+          f"p50 {figures[f'{MEMORY}_over_scann_p50_ms']}, p99 "
+          f"{figures[f'{MEMORY}_over_scann_p99_ms']}, qps "
+          f"{figures[f'{MEMORY}_over_scann_qps']}")
   if NARROW + "_ann_recall_at_10" in figures:
     print(f"{NARROW}: ScaNN {figures['narrowed_scann_params']}, ANN recall@10 vs exact "
           f"{figures[NARROW + '_ann_recall_at_10']:.4f}")

@@ -31,7 +31,8 @@ OPTIMIZERS = ("adagrad", "adam", "sgd")
 # config that lacks one was trained with this value (read_config fills it in),
 # so an old workdir keeps restoring into the model it trained.
 LEGACY_VALUES: Mapping[str, Any] = {"seed_residual": False,
-                                     "transition_embeddings": False}
+                                     "transition_embeddings": False,
+                                     "pair_memory_successors": 0}
 
 # The cheapest training regime: one pass over day D's own examples, in-batch
 # negatives only, no transition tables (the defaults before issue 13's last
@@ -121,7 +122,16 @@ class ModelConfig(DayConfig):
       reversed: its item as the seed, its seed as the target
       (models/transition.py). A seed -> next table then also learns next -> seed,
       which co-visitation counts both ways.
-    temperature: softmax temperature; scores are <u, v> / temperature.
+    pair_memory_successors: M > 0 adds a pair memory (models/memory.py): the
+      consecutive (seed, item) pairs of the log counted both ways, the M most
+      counted partners of each seed kept, and `pair_memory_weight` x (the pair's
+      count / the seed's top partner's count) added to a pair's score in the
+      exports (which merge the seed's partners into the search's results). The
+      towers train without it. 0: none, scores are the towers' alone.
+    pair_memory_weight: w > 0, that multiplier: the bonus of a seed's most
+      counted partner. Chosen on the validation partitions (README, issue 13).
+    temperature: softmax temperature; scores are <u, v> / temperature (plus the
+      pair memory's bonus).
     max_history: history items kept per example (most recent first); the Beam job
       keeps as many per user (default models.features.MAX_HISTORY).
     batch_size: examples per step; the in-batch softmax's candidate count.
@@ -187,6 +197,8 @@ class ModelConfig(DayConfig):
   transition_embeddings: bool = True
   transition_reverse_weight: float = 0.0
   transition_scale: float = 1.0
+  pair_memory_successors: int = 100
+  pair_memory_weight: float = 6.0
   temperature: float = 0.05
   max_history: int = MAX_HISTORY
   batch_size: int = 1024
@@ -239,9 +251,11 @@ class ModelConfig(DayConfig):
         "estimator_buckets", "estimator_hashes", "checkpoint_every_steps",
         "log_every_steps", "max_checkpoints"))
     self.require_at_least(0, ("shuffle_buffer", "uniform_negatives", "distill_candidates",
-                              "replay_old_days"))
+                              "replay_old_days", "pair_memory_successors"))
     if not self.distill_weight >= 0:
       raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+    if not self.pair_memory_weight > 0:
+      raise ValueError(f"pair_memory_weight must be > 0, got {self.pair_memory_weight}")
     if not self.transition_scale > 0:
       raise ValueError(f"transition_scale must be > 0, got {self.transition_scale}")
     if not self.transition_reverse_weight >= 0:

@@ -39,6 +39,11 @@ student's logQ-corrected in-batch softmaxes. It runs on one replica only.
 
 With `transition_reverse_weight` w > 0 the loss adds w times the reversed-pair
 term of models/transition.py on the transition tables (one replica only).
+
+With `pair_memory_successors` > 0 the model also has a pair memory
+(models/memory.py): its exports rank by <u, v> / temperature + bonus, where the
+bonus is `pair_memory_weight` x the (anchor, item) pair's count relative to the
+anchor's most counted partner. The towers train without it.
 """
 
 from __future__ import annotations
@@ -46,14 +51,17 @@ from __future__ import annotations
 import datetime
 from typing import Any, Mapping, Optional
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 import estimators
+from models import data as data_lib
 from models import distill
 from models import distribute
 from models import features as features_lib
 from models import layers
+from models import memory as memory_lib
 from models import negatives
 from models import transition
 from models.config import ESTIMATOR_FIELDS, ModelConfig
@@ -131,6 +139,9 @@ class TwoTowerModel(tfrs.Model):
     self.estimator = make_frequency_estimator(config)
     self.task = tfrs.tasks.Retrieval(temperature=config.temperature,
                                      remove_accidental_hits=True)
+    self.memory = (memory_lib.PairMemory(config.pair_memory_successors,
+                                         config.pair_memory_weight, name="pair_memory")
+                   if config.pair_memory_successors else None)
     # Untracked (see UniformNegatives): the corpus is not part of a checkpoint.
     self.negatives = (negatives.UniformNegatives(config.uniform_negatives, config.seed)
                       if config.uniform_negatives else None)
@@ -155,6 +166,28 @@ class TwoTowerModel(tfrs.Model):
     """
     if self.negatives is not None:
       self.negatives.set_corpus(negatives.read_corpus(workdir, day))
+
+  def absorb_day(self, workdir: str, day: datetime.date) -> bool:
+    """Counts day D's pairs into the pair memory, once (PairMemory.absorb); False
+    without a memory or when D was counted already. The trainer calls it before
+    training a day.
+
+    Raises:
+      FileNotFoundError: no W/data/D.
+      tf.errors.OpError: an example file that cannot be read or parsed.
+    """
+    if self.memory is None or day.toordinal() <= int(self.memory.absorbed_day.numpy()):
+      return False
+    names = ("seed_item_id", "item_id", "history_item_ids")
+    seeds, items = [], []
+    for batch in data_lib.serialized_examples(data_lib.example_files(workdir, day)).batch(
+        8192):
+      parsed = features_lib.parse_examples(batch, names, max_history=1)
+      seeds.append(memory_lib.anchor_ids(parsed["seed_item_id"],
+                                         parsed["history_item_ids"]).numpy())
+      items.append(parsed["item_id"].numpy())
+    return self.memory.absorb(np.concatenate(seeds or [np.zeros(0, object)]),
+                              np.concatenate(items or [np.zeros(0, object)]), day)
 
   def set_negative_corpus(self, candidates: Mapping[str, Any]) -> None:
     """Draws the uniform negatives from `candidates` (UniformNegatives.set_corpus)."""

@@ -14,6 +14,7 @@ from typing import Mapping
 import tensorflow as tf
 
 from models import layers
+from models import memory
 from models.config import ModelConfig
 
 
@@ -87,8 +88,7 @@ class QueryTower(tf.keras.Model):
     if self.query_encoder != "attention":
       return self.history_mean(embeddings, tf.cast(present, tf.float32))
     # The most recent item stands in for an absent seed (as the Beam job fills it).
-    most_recent = tf.concat([history, tf.fill([tf.shape(history)[0], 1], "")], 1)[:, 0]
-    anchor = tf.where(seed_ids != "", seed_ids, most_recent)
+    anchor = memory.anchor_ids(seed_ids, history)
     if self.history_positions is not None:
       embeddings = self.history_positions(embeddings)
     return self.history_attention(self.item_embedding(anchor), embeddings, present)

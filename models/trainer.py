@@ -765,6 +765,7 @@ class Trainer:
     probe: dict[str, float] = {}
     since = (started, skip, *self._day_loss())
     with self._writer.as_default(), self._errors_as(day, self._window_where(day, window)):
+      self._remember(day)
       while True:
         # The first step after each log boundary runs from Python: its batch is
         # probed (in-batch recall, estimator stats) before being trained on.
@@ -778,6 +779,12 @@ class Trainer:
         since = self._log_interval(day, since, probe)
     return _Pass(skip=skip, steps=self.global_step - start_step,
                  seconds=time.perf_counter() - started, probe=probe, window=window)
+
+  def _remember(self, day: datetime.date) -> None:
+    """Counts day D's pairs into the pair memory, once, before D trains."""
+    if self.model.absorb_day(self.workdir, day):
+      logging.info("day %s: pair memory holds %d pairs", day,
+                   int(tf.shape(self.model.memory.pair_counts)[0]))
 
   def _probe_batch(self, batch: Any) -> dict[str, float]:
     """The probe of a batch about to be trained on, written to TensorBoard."""

@@ -310,17 +310,24 @@ def _retrievers(model: tf.keras.Model, config: ModelConfig, item_ids: np.ndarray
             versions.EXACT_MODEL: {}}
   search = {versions.SCANN_MODEL: {"index": tuned.layer, **limits[versions.SCANN_MODEL]},
             versions.EXACT_MODEL: {}}
+  memory = getattr(model, "memory", None)
+  successors = config.pair_memory_successors if memory is not None else 0
+  table = memory.serving_table(item_ids) if memory is not None else None
   for name, kind in kinds.items():
     held = kept.get(name)
     if held is not None and held.serves(
         model.query_tower, model.candidate_tower, config.temperature,
-        config.max_history, kind.serving_k(k, len(item_ids), **limits[name])):
+        config.max_history, kind.serving_k(k, len(item_ids), **limits[name]),
+        successors):
       held.update(item_ids, item_embeddings, k, **search[name])
     else:
       kept[name] = kind(query_tower=model.query_tower,
                         candidate_tower=model.candidate_tower, item_ids=item_ids,
                         item_embeddings=item_embeddings, temperature=config.temperature,
-                        k=k, max_history=config.max_history, **search[name])
+                        k=k, max_history=config.max_history, successors=successors,
+                        **search[name])
+    if table is not None:
+      kept[name].assign_successors(*table)
   return {name: kept[name] for name in kinds}
 
 

@@ -17,7 +17,10 @@ two exports are interchangeable for a client. Each SavedModel has the signatures
 and the attributes `item_ids` [n] and `item_embeddings` [n, d] (variables), the
 corpus it searches, for teams that bring their own ANN. Query features are those
 of models/features.py (`query_input_signature`): batched, history a string
-matrix padded with "". Scores are <u, v> / temperature, the model's own score.
+matrix padded with "". Scores are <u, v> / temperature, the model's own score;
+a model with a pair memory (models/memory.py) adds its bonus for the query's
+anchor item and each of that item's counted partners, which the SavedModel holds
+(`successors`, serving/successors.py) and merges into the search's results.
 Where fewer than k items qualify (tiny corpus, everything excluded; for
 retrieve_diverse also a row whose DPP stopped early, see serving/dpp.py), the
 row is padded with item id "" and score -inf.
@@ -36,12 +39,15 @@ import dataclasses
 import os
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.python.saved_model import fingerprinting_utils  # pylint: disable=g-direct-tensorflow-import
 
 from models import features as features_lib
+from models import memory as memory_lib
 from serving import dpp
 from serving import index as index_lib
+from serving import successors as successors_lib
 
 SERVING_DEFAULT = "serving_default"
 RETRIEVE = "retrieve"
@@ -68,38 +74,6 @@ def _retrieve_diverse_signature() -> dict[str, tf.TensorSpec]:
       "boost_item_ids": tf.TensorSpec([None, None], tf.string, name="boost_item_ids"),
       "boosts": tf.TensorSpec([None, None], tf.float32, name="boosts"),
   }
-
-
-# Fingerprints live in [0, _KEY_SPACE); -1 pads every exclusion row so that it
-# is never empty, and never matches an id.
-_KEY_SPACE = (1 << 63) - 1
-
-
-def lookup(ids: tf.Tensor, table: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """([B, F] bool, [B, F] int32): whether ids[b, f] is one of table[b, :], and
-  its column there (the first, if listed twice; -1 where not found).
-
-  Compares 64-bit fingerprints by binary search in each row's sorted table:
-  O(B (F + E) log E) time and O(B (F + E)) memory, where comparing every pair of
-  strings (as TFRS's `query_with_exclusions` does) costs B F E. Two different ids
-  share a fingerprint with probability about 2^-63 per pair, so a false match
-  is not expected in practice.
-  """
-  keys = tf.strings.to_hash_bucket_fast(table, _KEY_SPACE)
-  order = tf.argsort(keys, axis=1, stable=True)
-  keys = tf.pad(tf.gather(keys, order, batch_dims=1), [[0, 0], [1, 0]],
-                constant_values=-1)
-  # The padding column keeps searchsorted off a [0, 0] tensor (an empty batch).
-  wanted = tf.pad(tf.strings.to_hash_bucket_fast(ids, _KEY_SPACE), [[0, 0], [0, 1]])
-  at = tf.minimum(tf.searchsorted(keys, wanted), tf.shape(keys)[1] - 1)
-  found = tf.equal(tf.gather(keys, at, batch_dims=1), wanted)[:, :-1]
-  column = tf.gather(tf.pad(order, [[0, 0], [1, 0]]), at, batch_dims=1)[:, :-1]
-  return found, tf.where(found, column, -1)
-
-
-def excluded(ids: tf.Tensor, exclude: tf.Tensor) -> tf.Tensor:
-  """[B, F] bool: whether ids[b, f] is one of exclude[b, :] (`lookup`)."""
-  return lookup(ids, exclude)[0]
 
 
 def _check_batch(features: Mapping[str, tf.Tensor]) -> tf.Operation:
@@ -194,6 +168,8 @@ class Retriever(tf.Module):
     query_tower, candidate_tower: the towers (Keras models).
     item_ids: string variable [n], the corpus.
     item_embeddings: float32 variable [n, d], the candidate tower's output.
+    successors: the pair memory's table (`assign_successors`), or None for a
+      model without one.
     k: the number of items `serving_default` returns.
     max_k: the most items one request may ask `retrieve` for (this corpus).
   """
@@ -204,7 +180,8 @@ class Retriever(tf.Module):
   RESTORABLE = True
 
   def __init__(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
-               temperature: float, k: int, max_history: int, name: str):
+               temperature: float, k: int, max_history: int, name: str,
+               successors: int = 0):
     super().__init__(name=name)
     if k < 1:
       raise ValueError(f"need k >= 1, got k={k}")
@@ -232,6 +209,8 @@ class Retriever(tf.Module):
     self.max_k = 0
     self.temperature = float(temperature)
     self.max_history = max_history
+    self.successors = (successors_lib.SuccessorTable(successors) if successors
+                       else None)
 
   @property
   def query_tower(self) -> tf.keras.Model:
@@ -247,12 +226,22 @@ class Retriever(tf.Module):
     return dict(self._keras.functions)
 
   def serves(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
-             temperature: float, max_history: int, k: int) -> bool:
+             temperature: float, max_history: int, k: int, successors: int = 0) -> bool:
     """Whether this retriever, updated, is the one these arguments would make
     (`k`: serving_default's, the subclass's `serving_k`)."""
+    mine = self.successors.successors if self.successors is not None else 0
     return (query_tower is self.query_tower and candidate_tower is self.candidate_tower
             and float(temperature) == self.temperature
-            and max_history == self.max_history and k == self.k)
+            and max_history == self.max_history and k == self.k
+            and successors == mine)
+
+  def assign_successors(self, seed_keys: np.ndarray, rows: np.ndarray,
+                        bonus: np.ndarray) -> None:
+    """Makes the pair memory's table (`PairMemory.serving_table` over this corpus)
+    the one merged into searches."""
+    if self.successors is None:
+      raise ValueError(f"{self.name} was made without a pair memory (successors=0)")
+    self.successors.assign(seed_keys, rows, bonus)
 
   def _assign_corpus(self, item_ids: tf.Tensor, item_embeddings: tf.Tensor, k: int,
                      max_k: int, fetch_limit: int) -> None:
@@ -280,6 +269,19 @@ class Retriever(tf.Module):
     query["history_item_ids"] = query["history_item_ids"][:, :self.max_history]
     return self.query_tower(query, training=False)
 
+  def _candidates(self, features: Mapping[str, tf.Tensor], count: tf.Tensor
+                  ) -> tuple[tf.Tensor, tf.Tensor]:
+    """`_search`'s (scores, rows) for the query features, merged with the anchor
+    item's partners (their bonus added) when the model has a pair memory."""
+    queries = self._embed_query(features)
+    scores, rows = self._search(queries, count)
+    if self.successors is None:
+      return scores, rows
+    history = features["history_item_ids"][:, :self.max_history]
+    return self.successors.merge(
+        queries, memory_lib.anchor_ids(features["seed_item_id"], history), history,
+        scores, rows, self.item_ids, self.item_embeddings, self.temperature, count)
+
   def _scores(self, scores: tf.Tensor, ids: tf.Tensor, valid: tf.Tensor
               ) -> tuple[tf.Tensor, tf.Tensor]:
     """Scores / temperature and ids where `valid`, else (-inf, "")."""
@@ -292,7 +294,7 @@ class Retriever(tf.Module):
     A search returns its items best first, so without exclusions they only need
     masking and padding to k.
     """
-    scores, rows = self._search(self._embed_query(features), tf.constant(self.k))
+    scores, rows = self._candidates(features, tf.constant(self.k))
     scores, ids = self._scores(scores, tf.gather(self.item_ids, rows),
                                tf.logical_not(tf.math.is_nan(scores)))
     missing = self.k - tf.shape(scores)[1]
@@ -313,10 +315,10 @@ class Retriever(tf.Module):
     """
     exclude = request["exclude_item_ids"]
     fetch = tf.minimum(count + tf.shape(exclude)[1], self.limits[1])
-    scores, rows = self._search(self._embed_query(request), fetch)
+    scores, rows = self._candidates(request, fetch)
     ids = tf.gather(self.item_ids, rows)
     valid = tf.logical_and(tf.logical_not(tf.math.is_nan(scores)),
-                           tf.logical_not(excluded(ids, exclude)))
+                           tf.logical_not(memory_lib.excluded(ids, exclude)))
     scores, ids = self._scores(scores, ids, valid)
     return scores, ids, rows
 
@@ -373,7 +375,7 @@ class Retriever(tf.Module):
     scores, ids, rows = (top.values, tf.gather(ids, top.indices, batch_dims=1),
                          tf.gather(rows, top.indices, batch_dims=1))
     # Column 0 holds the boost of an item not listed: 0.
-    column = lookup(ids, boost_ids)[1] + 1
+    column = memory_lib.lookup(ids, boost_ids)[1] + 1
     boost = tf.gather(tf.pad(boosts, [[0, 0], [1, 0]]), column, batch_dims=1)
     chosen = dpp.greedy_map(tf.gather(self.item_embeddings, rows), scores, k, theta,
                             boosts=boost)
@@ -454,9 +456,9 @@ class ExactRetriever(Retriever):
   def __init__(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
                item_ids: tf.Tensor, item_embeddings: tf.Tensor, temperature: float,
                k: int, max_history: int, max_k: Optional[int] = None,
-               name: str = "retrieval_exact"):
+               name: str = "retrieval_exact", successors: int = 0):
     super().__init__(query_tower, candidate_tower, temperature,
-                     self.serving_k(k, len(item_ids)), max_history, name)
+                     self.serving_k(k, len(item_ids)), max_history, name, successors)
     self.update(item_ids, item_embeddings, k, max_k)
 
   @staticmethod
@@ -495,10 +497,11 @@ class ScannRetriever(Retriever):
   def __init__(self, query_tower: tf.keras.Model, candidate_tower: tf.keras.Model,
                item_ids: tf.Tensor, item_embeddings: tf.Tensor, temperature: float,
                k: int, max_history: int, index: index_lib.ScannIndex,
-               num_reordering_candidates: int, name: str = "retrieval_scann"):
+               num_reordering_candidates: int, name: str = "retrieval_scann",
+               successors: int = 0):
     super().__init__(query_tower, candidate_tower, temperature,
                      self.serving_k(k, len(item_ids), num_reordering_candidates),
-                     max_history, name)
+                     max_history, name, successors)
     self._assign(item_ids, item_embeddings, k, num_reordering_candidates)
     self.index = index_lib.ScannVariables(index, self.item_embeddings)
 

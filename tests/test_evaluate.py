@@ -22,9 +22,9 @@ from evaluation import baselines
 from evaluation import evaluator
 from evaluation import recall
 from evaluation import records
+from models import memory
 from serving import exporter
 from serving import index
-from serving import servable
 from serving import versions
 import serving_testlib as tl
 
@@ -68,13 +68,13 @@ def test_exclusion_membership_matches_python_sets():
   exclude = rng.integers(0, 60, (5, 30)).astype(str).astype(object)
   exclude[1] = ""  # a row that excludes nothing
   exclude[2, 10:] = ""  # a row padded with ""
-  got = servable.excluded(tf.constant(ids), tf.constant(exclude)).numpy()
+  got = memory.excluded(tf.constant(ids), tf.constant(exclude)).numpy()
   want = [[i in set(row) - {""} for i in id_row] for id_row, row in zip(ids, exclude)]
   np.testing.assert_array_equal(got, want)
   assert got[0].any() and not got[0].all()
-  none = servable.excluded(tf.constant(ids), tf.zeros([5, 0], tf.string)).numpy()
+  none = memory.excluded(tf.constant(ids), tf.zeros([5, 0], tf.string)).numpy()
   assert not none.any()
-  empty = servable.excluded(tf.zeros([0, 0], tf.string), tf.zeros([0, 0], tf.string))
+  empty = memory.excluded(tf.zeros([0, 0], tf.string), tf.zeros([0, 0], tf.string))
   assert empty.shape == (0, 0)
 
 

@@ -203,7 +203,7 @@ def fixture_model():
 
 def test_towers_share_the_item_embedding(model):
   assert model.query_tower.item_embedding is model.candidate_tower.item_embedding
-  tables = [v.name for v in model.variables if v.shape[0] == TINY.item_buckets + 1]
+  tables = [v.name for v in model.variables if v.shape.rank and v.shape[0] == TINY.item_buckets + 1]
   assert len(tables) == 1 and tables[0].endswith("item_id_embedding/table/embeddings:0")
 
 

@@ -23,6 +23,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from core import workdir as workdir_lib
 from models import features
+from models import memory
 from models import trainer as trainer_lib
 from models.retrieval import TwoTowerModel
 from serving import corpus
@@ -160,15 +161,21 @@ def test_retrieve_diverse_boosts_and_theta_on_the_planted_order(planted, variant
 
 
 def _model_scores(trained, seeds):
-  """[len(seeds), NUM_ITEMS] scores of the trained model itself, and the corpus ids."""
+  """[len(seeds), NUM_ITEMS] scores of the trained model itself (its pair memory's
+  bonus included), and the corpus ids."""
   ids, columns = corpus.read_corpus(
       os.path.join(tl.day_dir(trained["workdir"], tl.DAY), corpus.CORPUS_PATTERN))
   model = trained["model"]
-  queries = model.query_tower(_query(seeds), training=False)
+  request = _query(seeds)
+  queries = model.query_tower(request, training=False)
   items = model.candidate_tower({k: tf.constant(v) for k, v in columns.items()},
                                 training=False)
-  scores = tf.linalg.matmul(queries, items, transpose_b=True)
-  return scores.numpy() / trained["config"].temperature, ids
+  scores = tf.linalg.matmul(queries, items, transpose_b=True) / trained["config"].temperature
+  if model.memory is not None:
+    history = request["history_item_ids"]
+    scores += model.memory(memory.anchor_ids(request["seed_item_id"], history),
+                           tf.constant(ids), history)
+  return scores.numpy(), ids
 
 
 @pytest.mark.parametrize("variant", ["scann", "exact"])
@@ -256,11 +263,16 @@ def test_item_embeddings_are_exposed_and_match_the_candidate_tower(trained):
     embedded = loaded.signatures["candidate_embedding"](**corpus)["candidate_embedding"]
     np.testing.assert_allclose(embedded.numpy(), loaded.item_embeddings.numpy(), atol=1e-5)
     query = loaded.signatures["query_embedding"](**_query(ITEMS[:3]))["query_embedding"]
-    # serving_default scores are <u, v> / temperature against those embeddings.
-    out = loaded.signatures["serving_default"](**_query(ITEMS[:3]))
-    best = tf.gather(loaded.item_embeddings,
-                     [ids.tolist().index(i) for i in out["item_ids"].numpy()[:, 0]])
+    # serving_default scores are <u, v> / temperature against those embeddings,
+    # plus the pair memory's bonus of (the query's seed, the item).
+    request = _query(ITEMS[:3])
+    out = loaded.signatures["serving_default"](**request)
+    top = out["item_ids"].numpy()[:, 0]
+    best = tf.gather(loaded.item_embeddings, [ids.tolist().index(i) for i in top])
     expected = tf.reduce_sum(query * best, axis=1) / trained["config"].temperature
+    history = request["history_item_ids"]
+    expected += tf.linalg.diag_part(trained["model"].memory(
+        memory.anchor_ids(request["seed_item_id"], history), tf.constant(top), history))
     np.testing.assert_allclose(out["scores"].numpy()[:, 0], expected.numpy(), rtol=1e-4)
 
 

@@ -209,6 +209,10 @@ def test_serving_latency_bench_runs_at_a_tiny_size(tmp_path):
                                               "p99_ms", "ann_recall_at_10")} <= set(figures)
   assert (figures["narrowed_scann_params"]["num_leaves_to_search"] <=
           figures["scann_params"]["num_leaves_to_search"])
+  # The ScaNN export of a model with a pair memory (every seed has partners).
+  assert {f"scann_memory_{what}" for what in ("saved_model_mb", "qps", "p50_ms")} | {
+      f"scann_memory_over_scann_{stat}" for stat in ("p50_ms", "p99_ms", "qps")
+  } <= set(figures)
   for name in ("scann", "old_scann", "scann_narrow"):
     breakdown = figures["op_breakdown"][name]
     assert breakdown["ops"] > 0 and "scann_ops" in breakdown["median_us_by_part"]
