@@ -124,8 +124,8 @@ class ModelConfig(DayConfig):
       which co-visitation counts both ways.
     pair_memory_successors: M > 0 adds a pair memory (models/memory.py): the
       consecutive (seed, item) pairs of the log counted both ways, the M most
-      counted partners of each seed kept, and `pair_memory_weight` x (the pair's
-      count / the seed's top partner's count) added to a pair's score in the
+      counted partners of each seed kept, and `pair_memory_weight` x log(1 + the
+      pair's count) / log(1 + the seed's top count) added to a pair's score in the
       exports (which merge the seed's partners into the search's results). The
       towers train without it. 0: none, scores are the towers' alone.
     pair_memory_weight: w > 0, that multiplier: the bonus of a seed's most

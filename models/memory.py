@@ -7,15 +7,15 @@ without factorising: it counts the consecutive pairs of the stream, both ways,
 as co-visitation does, and keeps for each seed item its `successors` most
 counted partners. The score of (query i, item j) gains
 
-  bonus_ij = weight * c_ij / max(1, max_k c_ik)
+  bonus_ij = weight * log(1 + c_ij) / log(1 + max_k c_ik)
 
 where c_ij counts the pair (anchor of i, item j), the anchor being the seed item,
 else the most recent history item (`anchor_ids`), and the max runs over the
 anchor's partners: the anchor's most counted partner gains `weight`, the others
-in proportion. Relative, so that its scale does not grow with the log: a
-log(1 + count) bonus tuned on MovieLens (counts of 1 to 5) gave the synthetic
-world's counts (tens to hundreds) bonuses of 15 to 28 and its R@10 fell from
-0.59 to 0.22 (README, issue 13). Only the top `successors` partners of a seed
+less, by their log-counts. Relative, so that its scale does not grow with the
+log: weight * log(1 + count), best on MovieLens (counts of 1 to 5), gave the
+synthetic world's counts (tens to hundreds) bonuses of 15 to 28, and its R@10
+fell from 0.55 to 0.38 (README, issue 13). Only the top `successors` partners of a seed
 are known, here as in the exports. Items in the query's own history get no
 bonus: the pair (anchor, the item before it) was counted from the user's own
 previous event, so it says nothing about what comes next.
@@ -252,8 +252,8 @@ class PairMemory(tf.keras.layers.Layer):
   def bonus(self, counts: tf.Tensor, top: tf.Tensor) -> tf.Tensor:
     """The score bonus of pairs counted `counts` [B, C] times whose anchors' most
     counted partners have `top` [B, 1] (0 for a count of 0)."""
-    return self.weight * tf.cast(counts, tf.float32) / tf.maximum(
-        tf.cast(top, tf.float32), 1.0)
+    return self.weight * tf.math.log1p(tf.cast(counts, tf.float32)) / tf.math.log1p(
+        tf.maximum(tf.cast(top, tf.float32), 1.0))
 
   def top_counts(self, anchors: tf.Tensor) -> tf.Tensor:
     """[B, 1] the count of each anchor's most counted partner (0 for none)."""

@@ -42,8 +42,8 @@ term of models/transition.py on the transition tables (one replica only).
 
 With `pair_memory_successors` > 0 the model also has a pair memory
 (models/memory.py): its exports rank by <u, v> / temperature + bonus, where the
-bonus is `pair_memory_weight` x the (anchor, item) pair's count relative to the
-anchor's most counted partner. The towers train without it.
+bonus is `pair_memory_weight` x the (anchor, item) pair's log-count relative to
+the anchor's most counted partner's. The towers train without it.
 """
 
 from __future__ import annotations
