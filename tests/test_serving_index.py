@@ -12,8 +12,8 @@ from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from core import workdir as workdir_lib
+from models import memory
 from serving import index
-from serving import servable
 from serving import versions
 from serving import warmup
 
@@ -308,13 +308,13 @@ def test_example_models_config_parses_and_names_both_exports():
 def test_lookup_finds_each_id_in_its_own_row_first_column_first():
   ids = tf.constant([["a", "b", "c"], ["a", "b", ""]])
   table = tf.constant([["c", "x", "c", "a"], ["b", "", "", ""]])
-  found, column = servable.lookup(ids, table)
+  found, column = memory.lookup(ids, table)
   assert found.numpy().tolist() == [[True, False, True], [False, True, True]]
   assert column.numpy().tolist() == [[3, -1, 0], [-1, 0, 1]]
-  assert servable.excluded(ids, table).numpy().tolist() == found.numpy().tolist()
-  found, column = servable.lookup(ids, tf.zeros([2, 0], tf.string))
+  assert memory.excluded(ids, table).numpy().tolist() == found.numpy().tolist()
+  found, column = memory.lookup(ids, tf.zeros([2, 0], tf.string))
   assert not found.numpy().any() and (column.numpy() == -1).all()
-  assert servable.lookup(tf.zeros([0, 3], tf.string),
+  assert memory.lookup(tf.zeros([0, 3], tf.string),
                          tf.zeros([0, 0], tf.string))[1].shape == (0, 3)
 
 
