@@ -268,6 +268,17 @@ class ScannVariables(tf.Module):
     return found.distances, found.indices
 
 
+def gather_rows(corpus: tf.Variable, rows: tf.Tensor) -> tf.Tensor:
+  """corpus[rows], gathered from the variable's value.
+
+  Not `tf.gather(corpus, rows)`: a sparse read of a resource variable
+  (ResourceGather) switches it to copy-on-read for good, and every dense read
+  after it (the exact search's matmul, ScaNN's searcher input) then copies the
+  whole corpus: 256 MB at 1M x 64, 38 -> 112 ms a query measured.
+  """
+  return tf.gather(tf.convert_to_tensor(corpus), rows)
+
+
 def _same(tensor: tf.Tensor, variable: tf.Variable) -> bool:
   """Whether `tensor` holds exactly the value of `variable`."""
   value = variable.read_value()

@@ -377,8 +377,8 @@ class Retriever(tf.Module):
     # Column 0 holds the boost of an item not listed: 0.
     column = memory_lib.lookup(ids, boost_ids)[1] + 1
     boost = tf.gather(tf.pad(boosts, [[0, 0], [1, 0]]), column, batch_dims=1)
-    chosen = dpp.greedy_map(tf.gather(self.item_embeddings, rows), scores, k, theta,
-                            boosts=boost)
+    chosen = dpp.greedy_map(index_lib.gather_rows(self.item_embeddings, rows), scores, k,
+                            theta, boosts=boost)
     picked = chosen.indices >= 0
     at = tf.maximum(chosen.indices, 0)
     return {"item_ids": tf.where(picked, tf.gather(ids, at, batch_dims=1), ""),

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from models import memory as memory_lib
+from serving import index as index_lib
 
 
 class SuccessorTable(tf.Module):
@@ -91,7 +92,8 @@ class SuccessorTable(tf.Module):
     extra = tf.logical_and(partner_rows >= 0,
                            tf.logical_not(tf.reduce_any(same, axis=1)))
     at = tf.maximum(partner_rows, 0)
-    extra_scores = tf.einsum("bd,bmd->bm", queries, tf.gather(item_embeddings, at))
+    extra_scores = tf.einsum("bd,bmd->bm", queries,
+                             index_lib.gather_rows(item_embeddings, at))
     extra_scores = tf.where(extra, extra_scores + bonus, float("-inf"))
     merged = tf.concat([found, extra_scores], 1)
     merged_rows = tf.concat([rows, at], 1)

@@ -196,3 +196,22 @@ def test_the_trainer_counts_each_day_once_whatever_the_replay_and_resume(tmp_pat
   for mine, theirs in zip(trainer.model.query_tower.variables,
                           plain.model.query_tower.variables):
     np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+
+
+def test_no_signature_reads_the_corpus_embeddings_sparsely():
+  """A ResourceGather on a resource variable switches it to copy-on-read for good:
+  every later dense read (the exact search's matmul, ScaNN's searcher input)
+  would copy the whole corpus. The signatures gather rows from its value."""
+  model = TwoTowerModel(CONFIG)
+  corpus_ids = ["a", "b", "c"]
+  retriever = servable.ExactRetriever(
+      model.query_tower, model.candidate_tower, tf.constant(corpus_ids),
+      model.candidate_tower(parsed([{"item_id": i} for i in corpus_ids])),
+      CONFIG.temperature, k=2, max_history=CONFIG.max_history, successors=2)
+  handle = id(retriever.item_embeddings.handle)
+  for name, function in retriever.signatures().items():
+    inside = {id(internal) for external, internal in function.graph.captures
+              if id(external) == handle}
+    sparse = [op.name for op in function.graph.get_operations()
+              if op.type == "ResourceGather" and id(op.inputs[0]) in inside]
+    assert not sparse, (name, sparse)
